@@ -1,0 +1,1 @@
+"""Graphs: the GCN baseline, IsoC-VGAE and SelfTask graph self-supervision."""

@@ -1,0 +1,2 @@
+"""Medical imaging: volumetric overlap / distance / similarity measures, NestedMorph registration,
+hierarchical glioma segmentation."""

@@ -1,0 +1,1 @@
+"""Pipelines: the engine, the shared metric layer, configs and the ``threefold`` CLI."""

@@ -1,0 +1,207 @@
+"""The engine: run folders, Lightning trainers, atomic checkpoints, resume and weight export.
+
+Everything that trains goes through PyTorch Lightning (checkpointing, mixed precision, gradient
+accumulation, progress bars, CSV logging, DDP); this module only fixes how threefold configures it:
+
+- a run lives in ``runs/<pipeline>/<timestamp>/`` with ``config.yaml``, ``checkpoints/``,
+  ``logs/metrics.csv`` and ``metrics.json``; an existing run folder is never overwritten;
+- checkpoints are written atomically (temp file, fsync, rename) and read with
+  ``torch.load(weights_only=True)``, so a half-written or code-carrying checkpoint is never loaded;
+- ``--resume RUN_DIR`` reopens the folder and continues each fit from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from threefold.datasets.errors import ConfigError, MissingFileError
+from threefold.pipelines.config import RunConfig, TrainerConfig
+
+
+def _plain_checkpoint_io():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Writes to a temp file in the target folder and renames it into place; loads weights only."""
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+            save_atomic(checkpoint, Path(path))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+            return load_checkpoint(Path(path), map_location=map_location)
+
+    return AtomicCheckpointIO()
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise ConfigError(f"checkpoint {path} could not be loaded as weights ({type(exc).__name__}: {exc})") from exc
+
+
+def new_run_dir(runs_root: Path, pipeline: str) -> Path:
+    """``runs_root/<pipeline>/<YYYYmmdd-HHMMSS>[-N]/``, created fresh (never an existing folder)."""
+    base = Path(runs_root) / pipeline
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        candidate = base / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder under {base}")
+
+
+@dataclass
+class RunContext:
+    """What a pipeline's ``run`` gets besides its config: where to write, which data, whether to resume."""
+
+    pipeline: str
+    run_dir: Path
+    trainer_cfg: TrainerConfig
+    data: Path | None = None
+    resume: bool = False
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "last.ckpt"
+
+    @property
+    def resume_checkpoint(self) -> Path | None:
+        return self.last_checkpoint if self.resume and self.last_checkpoint.is_file() else None
+
+    def child(self, name: str) -> "RunContext":
+        """A sub-run (one seed, one fold) with its own checkpoints and logs under ``run_dir/name``."""
+        sub = self.run_dir / name
+        sub.mkdir(parents=True, exist_ok=True)
+        return RunContext(self.pipeline, sub, self.trainer_cfg, self.data, self.resume, list(self.extra_callbacks))
+
+    def trainer(self, **overrides: Any):
+        """A ``lightning.Trainer`` configured from ``trainer_cfg`` (keyword overrides win)."""
+        import lightning as L
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger
+
+        t = self.trainer_cfg
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=self.checkpoint_dir,
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                save_last=True,
+                save_top_k=1,
+                every_n_train_steps=t.checkpoint_every_n_steps or None,
+                save_on_train_epoch_end=True,
+            ),
+            *self.extra_callbacks,
+        ]
+        loggers = [CSVLogger(save_dir=str(self.run_dir), name="logs", version="")]
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+            import tensorboard  # noqa: F401  (optional: only when installed)
+
+            loggers.append(TensorBoardLogger(save_dir=str(self.run_dir), name="tensorboard", version=""))
+        except ImportError:
+            pass
+        kwargs: dict[str, Any] = dict(
+            default_root_dir=str(self.run_dir),
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.gradient_clip_val,
+            limit_train_batches=t.limit_train_batches,
+            limit_val_batches=t.limit_val_batches,
+            limit_test_batches=t.limit_test_batches,
+            check_val_every_n_epoch=t.check_val_every_n_epoch,
+            log_every_n_steps=t.log_every_n_steps,
+            deterministic=t.deterministic,
+            enable_progress_bar=t.enable_progress_bar,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            logger=loggers,
+            plugins=[_plain_checkpoint_io()],
+        )
+        kwargs.update(overrides)
+        return L.Trainer(**kwargs)
+
+    def fit(self, module: Any, datamodule: Any = None, **trainer_overrides: Any):
+        """Train (resuming from ``last.ckpt`` when asked and present); returns the trainer."""
+        trainer = self.trainer(**trainer_overrides)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=self.resume_checkpoint, weights_only=True)
+        return trainer
+
+    def export_weights(self, module: torch.nn.Module, name: str = "model") -> Path:
+        """Write the model's weights as a plain state dict (safetensors when installed, else ``.pt``)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        try:
+            from safetensors.torch import save_file
+
+            path = self.run_dir / f"{name}.safetensors"
+            save_file(state, str(path))
+        except ImportError:
+            path = self.run_dir / f"{name}.pt"
+            save_atomic(state, path)
+        return path
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics as JSON (NaN/inf become null: JSON has no such numbers)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, torch.Tensor):
+            return clean(v.tolist())
+        if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,1 +1,18 @@
-"""Geometry: point ops (FPS, kNN, ball query, Chamfer), RAPiD-Seg, Point-MAE / I2P-MAE, BSP-Net."""
+"""Geometry: point ops (FPS, kNN, ball query, Chamfer), RAPiD-Seg, Point-MAE / I2P-MAE, BSP-Net.
+
+The point ops are re-exported here; the method subpackages are imported on their own.
+"""
+
+from threefold.geometry.chamfer import chamfer_distance, fscore, normal_consistency
+from threefold.geometry.neighbors import ball_query, group_patches, index_points, knn, knn_indices
+
+__all__ = [
+    "ball_query",
+    "chamfer_distance",
+    "fscore",
+    "group_patches",
+    "index_points",
+    "knn",
+    "knn_indices",
+    "normal_consistency",
+]

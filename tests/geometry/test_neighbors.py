@@ -1,0 +1,124 @@
+"""kNN, ball query, gather and patch grouping against brute-force NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from threefold.datasets.errors import ConfigError, DataFormatError
+from threefold.geometry.neighbors import ball_query, group_patches, index_points, knn, knn_indices
+
+
+def _knn_numpy(q: np.ndarray, r: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d2 = ((q[:, None, :] - r[None, :, :]) ** 2).sum(-1)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.sqrt(np.take_along_axis(d2, idx, 1)), idx
+
+
+def _ball_numpy(q: np.ndarray, r: np.ndarray, radius: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference loop transcribing the PointNet++ CUDA op query_ball_point."""
+    idx = np.zeros((len(q), k), dtype=np.int64)
+    count = np.zeros(len(q), dtype=np.int64)
+    for i, p in enumerate(q):
+        cnt = 0
+        for j, s in enumerate(r):
+            if ((p - s) ** 2).sum() < radius * radius:
+                if cnt == 0:
+                    idx[i, :] = j
+                idx[i, cnt] = j
+                cnt += 1
+                if cnt == k:
+                    break
+        count[i] = cnt
+    return idx, count
+
+
+@pytest.mark.parametrize("dim", [3, 5])
+def test_knn_matches_brute_force(dim: int) -> None:
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 300, dim))
+    r = rng.normal(size=(2, 700, dim))
+    dist, idx = knn(torch.from_numpy(q), torch.from_numpy(r), 16)
+    assert idx.shape == (2, 300, 16) and idx.dtype == torch.long
+    for b in range(2):
+        want_d, want_i = _knn_numpy(q[b], r[b], 16)
+        np.testing.assert_array_equal(idx[b].numpy(), want_i)
+        np.testing.assert_allclose(dist[b].numpy(), want_d, rtol=1e-12)
+
+
+def test_knn_unbatched_self_query_finds_itself_first() -> None:
+    r = torch.rand(1000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dist, idx = knn(r, r, 4)
+    np.testing.assert_array_equal(idx[:, 0].numpy(), np.arange(1000))
+    assert (dist[:, 0] == 0).all()
+    np.testing.assert_array_equal(idx.numpy(), _knn_numpy(r.numpy(), r.numpy(), 4)[1])
+
+
+def test_knn_nonuniform_cloud_and_far_queries() -> None:
+    """Clustered points and queries far outside the cloud exercise every search path."""
+    rng = np.random.default_rng(2)
+    r = np.concatenate([rng.normal(size=(1500, 3)) * 0.01, rng.normal(size=(300, 3)) * 5, [[40.0, 0, 0]]])
+    q = np.concatenate([rng.normal(size=(200, 3)) * 3, [[100.0, 100, 100], [-50.0, 0, 0]]])
+    _, idx = knn(torch.from_numpy(q), torch.from_numpy(r), 8)
+    np.testing.assert_array_equal(idx.numpy(), _knn_numpy(q, r, 8)[1])
+
+
+def test_knn_float32_distances_and_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.rand(1, 50, 3, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.rand(1, 80, 3, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: knn(a, b, 3)[0], (q, r))
+    q32, r32 = q.detach().float(), r.detach().float()
+    d32, _ = knn(q32, r32, 3)
+    np.testing.assert_allclose(d32.numpy(), _knn_numpy(q32[0].double().numpy(), r32[0].double().numpy(), 3)[0][None], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_ball_query_matches_pointnet2_convention(dim: int) -> None:
+    rng = np.random.default_rng(4)
+    r = rng.random((2, 600, dim))
+    q = np.concatenate([r[:, :40], rng.random((2, 40, dim)) * 3 - 1], axis=1)  # some balls empty
+    idx, count = ball_query(torch.from_numpy(q), torch.from_numpy(r), 0.15, 12)
+    for b in range(2):
+        want_i, want_c = _ball_numpy(q[b], r[b], 0.15, 12)
+        np.testing.assert_array_equal(count[b].numpy(), want_c)
+        np.testing.assert_array_equal(idx[b].numpy(), want_i)
+    assert (count == 0).any() and (count == 12).any() and ((count > 0) & (count < 12)).any()
+
+
+def test_ball_query_k_larger_than_cloud() -> None:
+    r = torch.tensor([[0.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0]])
+    idx, count = ball_query(r[:1], r, 1.0, 5)
+    assert count.tolist() == [2]
+    assert idx.tolist() == [[0, 1, 0, 0, 0]]
+
+
+def test_index_points_and_group_patches() -> None:
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(2, 400, 3, dtype=torch.float64, generator=g)
+    feats = torch.rand(2, 400, 4, dtype=torch.float64, generator=g)
+    centers = pts[:, :10]
+    patches, idx = group_patches(pts, centers, 8, feats)
+    assert patches.shape == (2, 10, 8, 7)
+    for b in range(2):
+        _, want = _knn_numpy(centers[b].numpy(), pts[b].numpy(), 8)
+        np.testing.assert_array_equal(idx[b].numpy(), want)
+        np.testing.assert_allclose(patches[b, ..., :3].numpy(), pts[b].numpy()[want] - centers[b].numpy()[:, None])
+        np.testing.assert_array_equal(patches[b, ..., 3:].numpy(), feats[b].numpy()[want])
+    assert (patches[..., 0, :3] == 0).all()  # each centre is its own nearest point
+    np.testing.assert_array_equal(index_points(pts[0], idx[0]).numpy(), pts[0].numpy()[idx[0].numpy()])
+
+
+def test_neighbors_reject_bad_input() -> None:
+    x = torch.zeros(2, 10, 3)
+    with pytest.raises(ConfigError, match="k=11"):
+        knn_indices(x, x, 11)
+    with pytest.raises(DataFormatError, match="batch size"):
+        knn(x, torch.zeros(3, 10, 3), 1)
+    with pytest.raises(DataFormatError, match="same floating dtype"):
+        knn(x, x.double(), 1)
+    with pytest.raises(ConfigError, match="radius"):
+        ball_query(x, x, 0.0, 4)
+    with pytest.raises(DataFormatError, match="int64"):
+        index_points(x, torch.zeros(2, 3, dtype=torch.int32))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from threefold.datasets.errors import ConfigError, MissingFileError
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
 from threefold.pipelines.config import RunConfig, TrainerConfig
 
 
@@ -66,7 +66,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise ConfigError(f"checkpoint {path} could not be loaded as weights ({type(exc).__name__}: {exc})") from exc
+        raise DataFormatError(f"checkpoint {path} could not be loaded as weights ({type(exc).__name__}: {exc})") from exc
 
 
 def new_run_dir(runs_root: Path, pipeline: str) -> Path:

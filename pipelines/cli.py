@@ -1,0 +1,231 @@
+"""The ``threefold`` command line.
+
+    threefold list
+    threefold doctor
+    threefold run PIPELINE [--data PATH] [--config FILE] [--resume RUN_DIR] [--runs-dir DIR] [key=value ...]
+    threefold eval PIPELINE --checkpoint CKPT [--data PATH] [key=value ...]
+    threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
+    threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
+
+Exit codes: 0 success, 2 usage error, 1 runtime error (one line naming the problem; the full
+traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import threefold
+from threefold.datasets.errors import ConfigError, MissingFileError, ThreefoldError
+
+# A DDP launcher re-executes this command in each extra process; these variables make the children
+# join the parent's run folder instead of creating their own.
+ENV_RUN_DIR = "THREEFOLD_RUN_DIR"
+ENV_RESUME = "THREEFOLD_RESUME"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would exit(2) itself; keep one path for usage errors
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="dataset root (default: the pipeline's embedded generated sample)")
+    p.add_argument("--config", type=Path, help="YAML file overriding the shipped config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys, e.g. trainer.max_epochs=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="threefold", description="threefold pipelines: LiDAR, point clouds, meshes, brain MRI, molecules, graphs.")
+    parser.add_argument("--version", action="version", version=f"threefold {threefold.__version__}")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("list", help="list pipelines and datasets")
+    sub.add_parser("doctor", help="print versions, extras, CUDA and spconv status; fail on conflicting installs")
+
+    p = sub.add_parser("run", help="train, evaluate and report a pipeline")
+    p.add_argument("pipeline")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: ./runs)")
+    _add_data_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("pipeline")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_data_args(p)
+
+    p = sub.add_parser("predict", help="write predictions for a file or a folder in the dataset's layout")
+    p.add_argument("pipeline")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("prepare", help="preprocess a dataset into a cache folder")
+    p.add_argument("dataset")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _cmd_list() -> int:
+    from threefold.datasets.registry import list_datasets
+    from threefold.pipelines.registry import _UNAVAILABLE, list_pipelines
+
+    pipelines = list_pipelines()
+    print("Pipelines:")
+    width = max((len(p.name) for p in pipelines), default=10)
+    for p in pipelines:
+        print(f"  {p.name:<{width}}  {p.description}")
+    for mod, why in _UNAVAILABLE.items():
+        if why != "not written yet":
+            print(f"  (unavailable: {mod}: {why})")
+    datasets = list_datasets()
+    print("Datasets:")
+    width = max((len(d.name) for d in datasets), default=10)
+    for d in datasets:
+        print(f"  {d.name:<{width}}  [{d.modality}] {d.description}")
+    return 0
+
+
+def _context(pipeline: str, args: argparse.Namespace, trainer_cfg: Any, run_dir: Path, resume: bool):
+    from threefold.pipelines.engine import RunContext
+
+    data = args.data.resolve() if getattr(args, "data", None) else None
+    if data is not None and not data.exists():
+        raise MissingFileError(f"--data {data} does not exist")
+    return RunContext(pipeline, run_dir, trainer_cfg, data, resume)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from threefold.pipelines.config import dump_config, read_yaml, resolve_config
+    from threefold.pipelines.engine import new_run_dir, write_metrics
+    from threefold.pipelines.registry import get_pipeline
+
+    pipe = get_pipeline(args.pipeline)
+    inherited = os.environ.get(ENV_RUN_DIR)
+    if inherited:  # a DDP child process: same folder and mode as its parent
+        run_dir, resume = Path(inherited), os.environ.get(ENV_RESUME) == "1"
+        cfg = resolve_config(pipe.config_class, overrides=read_yaml(run_dir / "config.yaml"))
+    elif args.resume:
+        run_dir, resume = args.resume.resolve(), True
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        if args.overrides or args.config:
+            raise ConfigError("--resume continues a run with its stored config; drop the overrides and --config")
+        cfg = resolve_config(pipe.config_class, overrides=read_yaml(run_dir / "config.yaml"))
+    else:
+        cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
+        run_dir, resume = new_run_dir(args.runs_dir, pipe.name).resolve(), False
+        dump_config(cfg, run_dir / "config.yaml")
+    os.environ[ENV_RUN_DIR], os.environ[ENV_RESUME] = str(run_dir), "1" if resume else "0"
+    if args.data is None and not inherited and (run_dir / "data_path.txt").is_file():
+        args.data = Path((run_dir / "data_path.txt").read_text().strip())
+    elif args.data is not None and not inherited:
+        (run_dir / "data_path.txt").write_text(str(args.data.resolve()))
+    ctx = _context(pipe.name, args, cfg.trainer, run_dir, resume)
+    metrics = pipe.run(cfg, ctx)
+    if not inherited:
+        write_metrics(run_dir / "metrics.json", metrics)
+        _print_summary(metrics)
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str)):
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from threefold.pipelines.config import resolve_config
+    from threefold.pipelines.engine import new_run_dir, write_metrics
+    from threefold.pipelines.registry import get_pipeline
+
+    pipe = get_pipeline(args.pipeline)
+    cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
+    run_dir = new_run_dir(args.runs_dir, f"{pipe.name}-eval").resolve()
+    metrics = pipe.evaluate(cfg, _context(pipe.name, args, cfg.trainer, run_dir, False), args.checkpoint)
+    write_metrics(run_dir / "metrics.json", metrics)
+    _print_summary(metrics)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from threefold.pipelines.config import resolve_config
+    from threefold.pipelines.registry import get_pipeline
+
+    pipe = get_pipeline(args.pipeline)
+    if not args.input.exists():
+        raise MissingFileError(f"--input {args.input} does not exist")
+    cfg = resolve_config(pipe.config_class, pipe.name)
+    pipe.predict(cfg, args.checkpoint, args.input, args.out)
+    print(f"predictions written to {args.out}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from threefold.datasets.registry import get_dataset
+
+    entry = get_dataset(args.dataset)
+    prepare = getattr(entry.cls, "prepare", None)
+    if prepare is None:
+        raise ConfigError(f"dataset {args.dataset!r} reads its raw files directly and needs no `prepare` step")
+    prepare(args.data, args.out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "doctor":
+            from threefold.pipelines.doctor import doctor
+
+            return doctor()
+        return {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "prepare": _cmd_prepare}[args.command](args)
+    except _UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ThreefoldError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 — the CLI's contract is one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

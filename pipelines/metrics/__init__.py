@@ -11,11 +11,18 @@ Every number carries its convention in its key (``"mIoU[absent=zero]"``, ``"SDlo
 """
 
 from threefold.pipelines.metrics.classification import BinaryRankingMetrics, ClassificationMetrics, MulticlassAccuracy
+from threefold.pipelines.metrics.deformation import DeformationMetrics
+from threefold.pipelines.metrics.pointsets import PointSetMetrics
 from threefold.pipelines.metrics.segmentation import SemanticSegmentationMetrics
+from threefold.pipelines.metrics.volume import ImageSimilarityMetrics, SegmentationOverlapMetrics
 
 __all__ = [
     "BinaryRankingMetrics",
     "ClassificationMetrics",
+    "DeformationMetrics",
+    "ImageSimilarityMetrics",
     "MulticlassAccuracy",
+    "PointSetMetrics",
+    "SegmentationOverlapMetrics",
     "SemanticSegmentationMetrics",
 ]

@@ -1,15 +1,16 @@
 """Molecule and crystal readers (SDF via RDKit, XYZ / extended XYZ) and the ``sdf-molecules`` and
 ``xyz-molecules`` datasets.
 
-A molecule sample is (see ``datasets/README.md``)::
+A molecule sample is (see ``datasets/README.md``; key names as in ASE and
+:mod:`threefold.datasets.molecule_samples`)::
 
-    z        (N,) int64            atomic numbers, hydrogens included (never removed on reading)
-    pos      (N, 3) float32, Å     Cartesian positions
-    lattice  (3, 3) float32, Å     rows are the cell vectors a, b, c (crystals only)
-    pbc      (3,) bool             periodic along a, b, c (crystals only)
-    props    dict[str, float|str]  per-molecule properties (SDF data items, extended-XYZ key=value)
-    index    int                   record number in its file, counted from 0
-    name     str                   SDF title line / "" for XYZ
+    numbers    (N,) int64            atomic numbers, hydrogens included (never removed on reading)
+    positions  (N, 3) float32, Å     Cartesian positions
+    lattice    (3, 3) float32, Å     rows are the cell vectors a, b, c (crystals only)
+    pbc        (3,) bool             periodic along a, b, c (crystals only)
+    props      dict[str, float|str]  per-molecule properties (SDF data items, extended-XYZ key=value)
+    index      int                   record number in its file, counted from 0
+    name       str                   SDF title line / "" for XYZ
 
 A record that cannot be read is never dropped silently: by default the reader raises
 :class:`~threefold.datasets.errors.DataFormatError` listing every bad record index and the reason;
@@ -124,7 +125,7 @@ def _sdf_record(Chem: Any, block: str, sanitize: bool) -> dict[str, Any]:
             value.append(lines[i].rstrip("\r"))
             i += 1
         props[m.group(1)] = _value("\n".join(value))
-    return {"z": z, "pos": pos, "props": props, "name": block.split("\n", 1)[0].strip()}
+    return {"numbers": z, "positions": pos, "props": props, "name": block.split("\n", 1)[0].strip()}
 
 
 def read_sdf(path: str | os.PathLike, sanitize: bool = True, skip_invalid: bool = False) -> list[dict[str, Any]]:
@@ -244,7 +245,7 @@ def _xyz_frame(lines: list[str], start: int, n: int) -> dict[str, Any]:
                 atom_props[name] = block
     except (ValueError, DataFormatError) as exc:
         raise _BadRecord(str(exc)) from exc
-    rec: dict[str, Any] = {"z": z, "pos": pos, "name": ""}
+    rec: dict[str, Any] = {"numbers": z, "positions": pos, "name": ""}
     if atom_props:
         rec["atom_props"] = atom_props
     props: dict[str, float | str] = {}
@@ -308,7 +309,7 @@ def read_xyz(path: str | os.PathLike, skip_invalid: bool = False) -> list[dict[s
 # --------------------------------------------------------------------------------------- datasets
 def _to_torch(rec: dict[str, Any]) -> dict[str, Any]:
     out = dict(rec)
-    for key in ("z", "pos", "lattice", "pbc"):
+    for key in ("numbers", "positions", "lattice", "pbc"):
         if key in out:
             out[key] = torch.from_numpy(np.ascontiguousarray(out[key]))
     return out

@@ -139,7 +139,7 @@ def read_nifti(path: str | os.PathLike, canonical: bool = False, dtype: torch.dt
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         if bad.any():
-            raise DataFormatError(f"{p}: {int(bad.sum())} voxels are NaN/inf (first at index {np.unravel_index(np.argmax(bad), data.shape)})")
+            raise DataFormatError(f"{p}: {int(bad.sum())} voxels are NaN/inf (first at index {tuple(int(i) for i in np.unravel_index(np.argmax(bad), data.shape))})")
     image = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     if not dtype.is_floating_point:
         if data.dtype.kind == "f" and np.any(data != np.round(data)):

@@ -12,6 +12,7 @@ Every number carries its convention in its key (``"mIoU[absent=zero]"``, ``"SDlo
 
 from threefold.pipelines.metrics.classification import BinaryRankingMetrics, ClassificationMetrics, MulticlassAccuracy
 from threefold.pipelines.metrics.deformation import DeformationMetrics
+from threefold.pipelines.metrics.distributed import batch_real_mask, real_sample_mask
 from threefold.pipelines.metrics.pointsets import PointSetMetrics
 from threefold.pipelines.metrics.segmentation import SemanticSegmentationMetrics
 from threefold.pipelines.metrics.volume import ImageSimilarityMetrics, SegmentationOverlapMetrics
@@ -25,4 +26,6 @@ __all__ = [
     "PointSetMetrics",
     "SegmentationOverlapMetrics",
     "SemanticSegmentationMetrics",
+    "batch_real_mask",
+    "real_sample_mask",
 ]

@@ -178,6 +178,8 @@ class BinaryRankingMetrics(Metric):
         self.target.append(target)
 
     def compute(self) -> dict[str, Tensor]:
-        scores = dim_zero_cat(self.scores) if self.scores else torch.zeros(0, dtype=torch.float64)
-        target = dim_zero_cat(self.target).long() if self.target else torch.zeros(0, dtype=torch.int64)
+        # before a sync the states are lists of tensors, after it one concatenated tensor
+        empty = isinstance(self.scores, list) and not self.scores
+        scores = torch.zeros(0, dtype=torch.float64) if empty else dim_zero_cat(self.scores).double()
+        target = torch.zeros(0, dtype=torch.int64) if empty else dim_zero_cat(self.target).long()
         return {"ROC-AUC": binary_roc_auc(scores, target), "AP": binary_average_precision(scores, target)}

@@ -66,7 +66,12 @@ def ssim3d(
         )
     b, c = x5.shape[:2]
     stacked = torch.cat([x5, y5, x5 * x5, y5 * y5, x5 * y5], dim=1).reshape(b * 5 * c, 1, *x5.shape[-3:])
-    ux, uy, uxx, uyy, uxy = F.avg_pool3d(stacked, win_size, stride=1).reshape(b, 5, c, -1).unbind(dim=1)
+    # the box filter is separable: three 1D means cost 3·win instead of win³ per voxel
+    for axis in range(3):
+        kernel = [1, 1, 1]
+        kernel[axis] = win_size
+        stacked = F.avg_pool3d(stacked, kernel, stride=1)
+    ux, uy, uxx, uyy, uxy = stacked.reshape(b, 5, c, -1).unbind(dim=1)
     cov_norm = win_size**3 / (win_size**3 - 1)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)

@@ -63,7 +63,7 @@ class MulticlassAccuracy(Metric):
         self.total += target.numel()
 
     def compute(self) -> Tensor:
-        return self.correct.double() / self.total if self.total > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+        return self.correct.double() / self.total.double()  # NaN when nothing was counted
 
 
 class ClassificationMetrics(Metric):

@@ -200,3 +200,16 @@ def test_every_metric_matches_single_process_under_2_and_3_ranks(tmp_path):
             assert out["naive_total"].item() == (N_SAMPLES + padded) * 6
             assert out["batch_lengths"][-1] < BATCH_SIZE
         assert padded > 0
+
+
+@pytest.mark.gpu
+def test_every_metric_on_cuda_matches_cpu():
+    ref = _single_process()
+    metrics = {name: m.to("cuda") for name, m in _metrics().items()}
+    for batch in DataLoader(_Samples(), batch_size=BATCH_SIZE):
+        _update_all(metrics, {k: v.cuda() for k, v in batch.items()})
+    out = _results(metrics)
+    for name, values in out.items():
+        for key, got in values.items():
+            assert got.device.type == "cuda", f"{name}/{key} left the input's device"
+    _assert_equal_results({n: {k: v.cpu() for k, v in vals.items()} for n, vals in out.items()}, ref, world=1)

@@ -1,0 +1,195 @@
+"""The Uni-3DAR decoder: masked next-token prediction over octree tokens, plain PyTorch.
+
+Lu et al., "Uni-3DAR" (2025), Sec. 3.2: a decoder-only transformer reads the sequence of
+:mod:`~threefold.science.uni3dar.sequence` under causal attention; the output at each ``[MASK]``
+predicts the item at that position: a tree token (255 classes) for a node, or for an atom its type
+then the x, y, z in-cell bins, each conditioned on the previous ones by adding the embedding of the
+earlier choice (the reference's autoregressive prediction head). Positions enter through a 3D
+rotary embedding on the physical position in 0.01 Å units (the head dimension split over x, y, z),
+plus learned level and in-cell-offset embeddings. Pre-norm blocks with RMSNorm and SwiGLU;
+attention is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
+on GPU when the inputs allow), so the flash-attn package is not needed. Loss weights as in the
+reference: tree 1, atom type 1, each coordinate 0.1.
+
+Shapes: B structures, L positions, D = ``d_model``; all tensors follow the input's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from threefold.science.uni3dar.sequence import KIND_ATOM, KIND_TREE, SequenceBatch
+
+
+@dataclass
+class Uni3DARConfig:
+    """Model size and loss weights. The reference's large model is ``layers=12, d_model=768, heads=12``."""
+
+    vocab_size: int = 442
+    bins: int = 24
+    depth: int = 6
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn_mult: float = 8 / 3
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    tree_weight: float = 1.0
+    type_weight: float = 1.0
+    xyz_weight: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def rope_3d(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, L, 1, head_dim/2) of a 3D rotary embedding: each axis gets ``head_dim/2 // 3``
+    frequency pairs on its coordinate (pos (B, L, 3), 0.01 Å units); leftover pairs rotate by 0."""
+    per_axis = (head_dim // 2) // 3
+    freqs = 1.0 / theta ** (torch.arange(per_axis, device=pos.device, dtype=torch.float32) * 2 / (2 * per_axis))
+    angles = (pos.float()[..., :, None] * freqs).flatten(-2)  # (B, L, 3 * per_axis)
+    pad = head_dim // 2 - angles.shape[-1]
+    angles = F.pad(angles, (0, pad))
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, L, H, Dh) by the angles in cos/sin (B, L, 1, Dh/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return out.type_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Uni3DARConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm2 = RMSNorm(cfg.d_model)
+        hidden = int(round(cfg.ffn_mult * cfg.d_model / 8)) * 8
+        self.ffn = SwiGLU(cfg.d_model, hidden)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+        drop = self.dropout if self.training else 0.0
+        if cache is None:
+            att = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], 2)
+                v = torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            past = k.shape[2] - L
+            allowed = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + F.dropout(self.proj(att.transpose(1, 2).reshape(B, L, D)), drop, self.training)
+        return x + F.dropout(self.ffn(self.norm2(x)), drop, self.training)
+
+
+class Uni3DAR(nn.Module):
+    """Decoder-only transformer with the tree head and the autoregressive atom head (type, x, y, z)."""
+
+    def __init__(self, cfg: Uni3DARConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.token_emb = nn.Embedding(cfg.vocab_size, D)
+        self.level_emb = nn.Embedding(cfg.depth + 1, D)
+        self.xyz_emb = nn.ModuleList(nn.Embedding(cfg.bins + 1, D) for _ in range(3))  # index bins = none
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(D)
+        self.tree_head = nn.Linear(D, 255)
+        self.type_head = nn.Linear(D, cfg.vocab_size)
+        self.coord_heads = nn.ModuleList(nn.Linear(D, cfg.bins) for _ in range(3))
+        self.type_cond = nn.Embedding(cfg.vocab_size, D)
+        self.coord_cond = nn.ModuleList(nn.Embedding(cfg.bins, D) for _ in range(2))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        level: torch.Tensor,
+        pos: torch.Tensor,
+        xyz_in: torch.Tensor,
+        cache: list[dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, L, D) of the positions given (the new ones only, with a cache)."""
+        x = self.token_emb(tokens) + self.level_emb(level)
+        for axis in range(3):
+            x = x + self.xyz_emb[axis](xyz_in[..., axis])
+        rope = rope_3d(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_theta)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache[i])
+        return self.norm(x)
+
+    def atom_logits(
+        self, h: torch.Tensor, type_id: torch.Tensor | None = None, xyz: torch.Tensor | None = None, step: int = 0
+    ) -> torch.Tensor:
+        """Logits of atom field ``step`` (0 type, 1 x, 2 y, 3 z) at mask states h (N, D), conditioned
+        on the earlier fields (type_id (N,), xyz (N, 3)) by adding their embeddings."""
+        if step == 0:
+            return self.type_head(h)
+        h = h + self.type_cond(type_id)
+        for axis in range(step - 1):
+            h = h + self.coord_cond[axis](xyz[:, axis])
+        return self.coord_heads[step - 1](h)
+
+    def loss(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Weighted cross-entropy (nats per predicted token) and its parts: tree, type, x, y, z."""
+        h = self.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in)
+        tree_m, atom_m = batch.kind == KIND_TREE, batch.kind == KIND_ATOM
+        parts = {"tree": F.cross_entropy(self.tree_head(h[tree_m]).float(), batch.tree_target[tree_m])}
+        ha, ty, xyz = h[atom_m], batch.type_target[atom_m], batch.xyz_target[atom_m]
+        parts["type"] = F.cross_entropy(self.atom_logits(ha, step=0).float(), ty)
+        for axis, name in enumerate("xyz"):
+            parts[name] = F.cross_entropy(self.atom_logits(ha, ty, xyz, step=axis + 1).float(), xyz[:, axis])
+        c = self.cfg
+        total = c.tree_weight * parts["tree"] + c.type_weight * parts["type"]
+        total = total + c.xyz_weight * (parts["x"] + parts["y"] + parts["z"])
+        return {"loss": total, **parts}

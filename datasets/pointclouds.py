@@ -220,6 +220,26 @@ def _int(p: Path, token: str, field: str, minimum: int = 0) -> int:
     return value
 
 
+def _ascii_body(p: Path, offset: int, lines: int, what: str) -> str:
+    """The data section of an ASCII PLY/PCD, checked to hold exactly the declared number of lines.
+
+    Counting lines (not parsed rows) catches a count that is too small as well as too large: a
+    deflated vertex count would otherwise let face lines be parsed as extra vertices, or silently
+    leave points unread.
+    """
+    with open(p, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{p}: ASCII data section holds non-ASCII bytes (at byte {offset + exc.start})") from exc
+    found = text.rstrip().count("\n") + 1 if text.strip() else 0
+    if found != lines:
+        raise DataFormatError(f"{p}: header declares {lines} {what}, the data section has {found} lines")
+    return text
+
+
 def _check_data_size(p: Path, offset: int, nbytes: int, what: str) -> None:
     available = p.stat().st_size - offset
     if nbytes != available:
@@ -279,11 +299,8 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
         raise DataFormatError(f"{p}: PLY vertex element repeats a property name: {prop_names}")
 
     if fmt == "ascii":
-        with open(p, "rb") as raw:
-            raw.seek(offset)
-            text = io.TextIOWrapper(raw, encoding="ascii")
-            skip = sum(e[1] for e in elements[:v])
-            table = _loadtxt(p, text, np.float64, max_rows=count, skiprows=skip)
+        text = _ascii_body(p, offset, sum(e[1] for e in elements), "lines (one per element of " + ", ".join(names) + ")")
+        table = _loadtxt(p, io.StringIO(text), np.float64, max_rows=count, skiprows=sum(e[1] for e in elements[:v]))
         if count and table.shape != (count, len(props)):
             raise DataFormatError(
                 f"{p}: header declares {count} vertices with {len(props)} properties, found a {table.shape[0]} x {table.shape[1]} table"
@@ -357,9 +374,7 @@ def read_pcd(path: str | os.PathLike, label_field: str | None = None) -> dict[st
     mode = head["DATA"][0].lower()
 
     if mode == "ascii":
-        with open(p, "rb") as raw:
-            raw.seek(offset)
-            table = _loadtxt(p, io.TextIOWrapper(raw, encoding="ascii"), np.float64, max_rows=n)
+        table = _loadtxt(p, io.StringIO(_ascii_body(p, offset, n, "point lines")), np.float64, max_rows=n)
         width_cols = sum(c for _, _, c in dt)
         if n and table.shape != (n, width_cols):
             raise DataFormatError(

@@ -119,8 +119,12 @@ def test_ply_ascii_handwritten_with_faces_and_label(tmp_path):
     assert np.allclose(s["coord"].numpy(), XYZI[:, :3], rtol=1e-6) and np.allclose(s["feat"].numpy(), XYZI[:, 3:], rtol=1e-6)
     assert s["label_raw"].tolist() == list(range(37))
     short = _ply_header("ascii", 38, [("x", "float"), ("y", "float"), ("z", "float")]) + "1 2 3\n" * 37
-    with pytest.raises(DataFormatError, match=r"short\.ply.*38 vertices"):
+    with pytest.raises(DataFormatError, match=r"short\.ply.*declares 38 lines.*has 37"):
         read_points(_write(tmp_path / "short.ply", short))
+    # a deflated vertex count must not let the face line be read as a vertex, nor leave a vertex unread
+    deflated = text.replace("element vertex 37", "element vertex 36")
+    with pytest.raises(DataFormatError, match=r"deflated\.ply.*declares 37 lines.*has 38"):
+        read_points(_write(tmp_path / "deflated.ply", deflated), label_field="label")
 
 
 @pytest.mark.parametrize("fmt,endian", [("binary_little_endian", "<"), ("binary_big_endian", ">")])
@@ -177,7 +181,7 @@ def test_pcd_ascii_and_binary_handwritten(tmp_path):
     huge = _pcd_header(37, "binary").replace("POINTS 37", "POINTS 1000000000000").replace("WIDTH 37", "WIDTH 1000000000000")
     with pytest.raises(DataFormatError, match="truncated"):
         read_points(_write(tmp_path / "h.pcd", huge.encode() + packed))
-    with pytest.raises(DataFormatError, match="36 x 5 table"):
+    with pytest.raises(DataFormatError, match="declares 37 point lines, the data section has 36"):
         read_points(_write(tmp_path / "s.pcd", _pcd_header(37, "ascii") + "".join(body.splitlines(True)[:36])))
     with pytest.raises(DataFormatError, match="5 FIELDS but 4 SIZE"):
         read_points(_write(tmp_path / "m.pcd", _pcd_header(37, "ascii", size="4 4 4 4") + body))

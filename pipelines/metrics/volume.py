@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -18,6 +19,10 @@ from threefold.medical.overlap import dice, hausdorff95, hausdorff95_pooled
 from threefold.medical.similarity import ncc, ssim3d
 
 HD95_CONVENTIONS = {"directed": "HD95[max-directed]", "pooled": "HD95[pooled]"}
+
+
+def _to_numpy(spacing: Sequence[float] | Tensor | np.ndarray) -> np.ndarray:
+    return spacing.detach().cpu().numpy() if isinstance(spacing, Tensor) else np.asarray(spacing)
 
 
 class SegmentationOverlapMetrics(Metric):
@@ -54,15 +59,17 @@ class SegmentationOverlapMetrics(Metric):
         self.add_state("hd95_sum", default=torch.zeros(r, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, pred: Tensor, target: Tensor, spacing: Sequence[float] | Tensor | None = None) -> None:
+    def update(
+        self, pred: Tensor, target: Tensor, spacing: Sequence[float] | Tensor | np.ndarray | None = None
+    ) -> None:
         if pred.ndim != 5 or pred.shape[1] != len(self.regions):
             raise DataFormatError(
                 f"SegmentationOverlapMetrics: masks of shape {tuple(pred.shape)}; expected (B, {len(self.regions)}, D, H, W) "
                 f"for regions {self.regions}"
             )
-        sp = self.spacing if spacing is None else spacing
-        if isinstance(sp, Tensor) and sp.ndim == 2:
-            sp = sp[:, None, :].expand(-1, pred.shape[1], -1)  # one spacing per volume, shared by its regions
+        sp = np.asarray(self.spacing if spacing is None else _to_numpy(spacing), dtype=np.float64)
+        if sp.ndim == 2:
+            sp = np.broadcast_to(sp[:, None, :], (sp.shape[0], pred.shape[1], 3))  # per volume, shared by its regions
         hd_fn = hausdorff95 if self.hd95 == "directed" else hausdorff95_pooled
         self.dice_sum += dice(pred, target).double().sum(dim=0).to(self.dice_sum.device)
         self.hd95_sum += hd_fn(pred, target, sp).sum(dim=0).to(self.hd95_sum.device)

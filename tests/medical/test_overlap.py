@@ -12,6 +12,9 @@ from threefold.datasets.errors import DataFormatError
 from threefold.medical.overlap import BRATS_EMPTY_HD95_MM, dice, hausdorff95, hausdorff95_pooled
 
 
+# MONAI 1.6 warns about its own internal use of a deprecated argument
+pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
+
 def _blobs(seed: int, shape=(2, 18, 16, 14)) -> tuple[torch.Tensor, torch.Tensor]:
     """Two overlapping, irregular masks: thresholded smoothed noise."""
     from scipy import ndimage

@@ -10,6 +10,9 @@ from threefold.datasets.errors import DataFormatError
 from threefold.pipelines.metrics.volume import ImageSimilarityMetrics, SegmentationOverlapMetrics
 
 
+# MONAI 1.6 warns about its own internal use of a deprecated argument
+pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
+
 def _masks(seed: int, shape=(3, 2, 14, 12, 10)) -> tuple[torch.Tensor, torch.Tensor]:
     from scipy import ndimage
 
@@ -48,10 +51,13 @@ def test_overlap_empty_rules_and_per_volume_spacing():
     pred[1, 0, 2, 2, 2] = True
     target[1, 0, 2, 2, 4] = True  # volume 1: two voxels 2 apart along W
     m = SegmentationOverlapMetrics(["ET"], hd95="pooled")
-    m.update(pred, target, spacing=torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 3.0]]))
+    m.update(pred, target, spacing=[[1.0, 1.0, 1.0], [1.0, 1.0, 3.0]])
     empty = torch.zeros(1, 1, 6, 6, 6, dtype=torch.bool)
     m.update(empty, empty)  # both empty: Dice 1, HD95 0
     out = m.compute()
+    as_tensor = SegmentationOverlapMetrics(["ET"], hd95="pooled")
+    as_tensor.update(pred, target, spacing=torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 3.0]]))
+    assert as_tensor.hd95_sum.item() == pytest.approx(373.13 + 6.0, abs=2e-3)
     assert out["Dice/ET"].item() == pytest.approx((0 + 0 + 1) / 3)
     assert out["HD95[pooled]/ET"].item() == pytest.approx((373.13 + 6.0 + 0.0) / 3, abs=2e-3)
 

@@ -135,7 +135,8 @@ def main() -> None:
     add(f"Jacobian determinant {jshape} float32", ours, {"numpy.gradient + numpy.linalg.det": numpy_jacobian})
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"machine: {platform.machine()} {platform.processor() or ''} | CPU threads {torch.get_num_threads()} | GPU {gpu}")
+    cpu = f"{platform.machine()} {platform.processor() or ''}".strip()
+    print(f"machine: {cpu} | CPU threads {torch.get_num_threads()} | GPU {gpu}")
     print(f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__}")
     print(f"{'task':<48} {'implementation':<46} {'seconds':>9} {'time / ours(cpu)':>17}")
     for task, impl, t, base in rows:

@@ -51,7 +51,8 @@ def jacobian_determinant(disp: Tensor) -> Tensor:
     """
     if disp.ndim not in (4, 5) or disp.shape[-4] != 3:
         raise DataFormatError(
-            f"jacobian_determinant: displacement has shape {tuple(disp.shape)}; expected (3, D, H, W) or (B, 3, D, H, W)"
+            f"jacobian_determinant: displacement has shape {tuple(disp.shape)}; "
+            "expected (3, D, H, W) or (B, 3, D, H, W)"
         )
     if not disp.is_floating_point():
         raise DataFormatError(f"jacobian_determinant: displacement dtype {disp.dtype}; expected floating point")

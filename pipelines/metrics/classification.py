@@ -28,7 +28,8 @@ def _labels(pred: Tensor, target: Tensor, num_classes: int, name: str) -> tuple[
         pred = pred.argmax(dim=1)
     if pred.shape != target.shape or target.ndim != 1:
         raise DataFormatError(
-            f"{name}: pred {tuple(pred.shape)} and target {tuple(target.shape)}; expected (N,) labels or (N, C) scores and (N,) targets"
+            f"{name}: pred {tuple(pred.shape)} and target {tuple(target.shape)}; "
+            "expected (N,) labels or (N, C) scores and (N,) targets"
         )
     if pred.is_floating_point() or target.is_floating_point():
         raise DataFormatError(f"{name}: labels have dtypes {pred.dtype}, {target.dtype}; expected integer class ids")
@@ -58,7 +59,9 @@ class MulticlassAccuracy(Metric):
         if pred.ndim == 2:
             pred = pred.argmax(dim=1)
         if pred.shape != target.shape:
-            raise DataFormatError(f"MulticlassAccuracy: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+            raise DataFormatError(
+                f"MulticlassAccuracy: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"
+            )
         self.correct += (pred == target).sum().to(self.correct.device)
         self.total += target.numel()
 
@@ -83,7 +86,9 @@ class ClassificationMetrics(Metric):
         if num_classes < 2:
             raise ConfigError(f"ClassificationMetrics: num_classes={num_classes}; expected >= 2")
         self.num_classes = num_classes
-        self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(
+            "confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum"
+        )
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         p, t = _labels(pred, target, self.num_classes, "ClassificationMetrics")
@@ -149,7 +154,9 @@ def binary_average_precision(scores: Tensor, target: Tensor) -> Tensor:
 
 def _binary_inputs(scores: Tensor, target: Tensor, name: str) -> tuple[Tensor, Tensor]:
     if scores.ndim != 1 or scores.shape != target.shape:
-        raise DataFormatError(f"{name}: scores {tuple(scores.shape)} and target {tuple(target.shape)}; expected equal (N,)")
+        raise DataFormatError(
+            f"{name}: scores {tuple(scores.shape)} and target {tuple(target.shape)}; expected equal (N,)"
+        )
     if target.numel() and not torch.all((target == 0) | (target == 1)):
         raise DataFormatError(f"{name}: targets hold values other than 0 and 1")
     return scores, target.long()

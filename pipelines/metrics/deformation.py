@@ -33,12 +33,16 @@ class DeformationMetrics(Metric):
         super().__init__(**kwargs)
         self.add_state("folding_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for convention in SDLOGJ_CONVENTIONS:
-            self.add_state(f"sdlogj_{convention}_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                f"sdlogj_{convention}_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+            )
         self.add_state("count", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, disp: Tensor) -> None:
         if disp.ndim != 5:
-            raise DataFormatError(f"DeformationMetrics: displacement of shape {tuple(disp.shape)}; expected (B, 3, D, H, W)")
+            raise DataFormatError(
+                f"DeformationMetrics: displacement of shape {tuple(disp.shape)}; expected (B, 3, D, H, W)"
+            )
         if disp.shape[0] == 0:
             return
         jac = jacobian_determinant(disp.detach())

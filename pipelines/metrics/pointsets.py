@@ -46,7 +46,8 @@ class PointSetMetrics(Metric):
     def update(self, x: Tensor, y: Tensor, nx: Tensor | None = None, ny: Tensor | None = None) -> None:
         if x.ndim != 3 or y.ndim != 3:
             raise DataFormatError(
-                f"PointSetMetrics: clouds of shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (B, N, 3) and (B, M, 3)"
+                f"PointSetMetrics: clouds of shapes {tuple(x.shape)}, {tuple(y.shape)}; "
+                "expected (B, N, 3) and (B, M, 3)"
             )
         if (nx is None) != (ny is None):
             raise DataFormatError("PointSetMetrics: give normals for both clouds (nx and ny) or for neither")

@@ -108,7 +108,9 @@ class SemanticSegmentationMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, absent: str = "zero", **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, class_names: Sequence[str] | None = None, absent: str = "zero", **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ConfigError(f"SemanticSegmentationMetrics: num_classes={num_classes}; expected >= 1")

@@ -64,7 +64,8 @@ class SegmentationOverlapMetrics(Metric):
     ) -> None:
         if pred.ndim != 5 or pred.shape[1] != len(self.regions):
             raise DataFormatError(
-                f"SegmentationOverlapMetrics: masks of shape {tuple(pred.shape)}; expected (B, {len(self.regions)}, D, H, W) "
+                f"SegmentationOverlapMetrics: masks of shape {tuple(pred.shape)}; "
+                f"expected (B, {len(self.regions)}, D, H, W) "
                 f"for regions {self.regions}"
             )
         sp = np.asarray(self.spacing if spacing is None else _to_numpy(spacing), dtype=np.float64)
@@ -106,7 +107,9 @@ class ImageSimilarityMetrics(Metric):
 
     def update(self, x: Tensor, y: Tensor) -> None:
         if x.ndim != 5:
-            raise DataFormatError(f"ImageSimilarityMetrics: volumes of shape {tuple(x.shape)}; expected (B, C, D, H, W)")
+            raise DataFormatError(
+                f"ImageSimilarityMetrics: volumes of shape {tuple(x.shape)}; expected (B, C, D, H, W)"
+            )
         if x.shape[0] == 0:
             return
         self.ssim_sum += ssim3d(x, y, self.data_range, win_size=self.win_size).double().sum().to(self.ssim_sum.device)

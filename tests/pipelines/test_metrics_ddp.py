@@ -33,7 +33,8 @@ class _Samples(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(1000 + i)
         seg_target = torch.randint(-1, N_CLASSES, (40,), generator=g)
-        seg_pred = torch.where(torch.rand(40, generator=g) < 0.5, seg_target, torch.randint(-1, N_CLASSES, (40,), generator=g))
+        seg_noise = torch.randint(-1, N_CLASSES, (40,), generator=g)
+        seg_pred = torch.where(torch.rand(40, generator=g) < 0.5, seg_target, seg_noise)
         logits = torch.randn(6, N_CLASSES, generator=g, dtype=torch.float64)
         link_target = torch.randint(0, 2, (8,), generator=g)
         link_score = torch.round(torch.randn(8, generator=g, dtype=torch.float64) + link_target, decimals=1)
@@ -141,7 +142,9 @@ def _run_world(world: int, tmp_path: Path) -> list[dict]:
     # fork: the children inherit the imported torch / torchmetrics instead of re-importing them
     # (seconds per process on a loaded 2-core CI machine)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(rank, world, str(tmp_path / "store"), str(tmp_path))) for rank in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world, str(tmp_path / "store"), str(tmp_path))) for rank in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:

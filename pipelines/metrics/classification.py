@@ -12,6 +12,8 @@ precision, with scikit-learn's definitions so numbers compare with published tab
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -50,7 +52,7 @@ class MulticlassAccuracy(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("correct", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
@@ -81,7 +83,7 @@ class ClassificationMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, **kwargs) -> None:
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_classes < 2:
             raise ConfigError(f"ClassificationMetrics: num_classes={num_classes}; expected >= 2")
@@ -174,7 +176,7 @@ class BinaryRankingMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")

@@ -7,6 +7,8 @@ states are sums and a volume count, summed across ranks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -29,7 +31,7 @@ class DeformationMetrics(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("folding_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for convention in SDLOGJ_CONVENTIONS:

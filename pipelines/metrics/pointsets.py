@@ -7,6 +7,8 @@ summed across ranks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -29,7 +31,9 @@ class PointSetMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, squared: bool = True, reduction: str = "sum", fscore_threshold: float = 0.01, **kwargs) -> None:
+    def __init__(
+        self, squared: bool = True, reduction: str = "sum", fscore_threshold: float = 0.01, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if reduction not in ("sum", "mean"):
             raise ConfigError(f"PointSetMetrics: reduction={reduction!r}; expected 'sum' or 'mean'")

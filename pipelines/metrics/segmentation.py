@@ -25,6 +25,7 @@ predicted -1, which is the case for every model in this package.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,7 +110,7 @@ class SemanticSegmentationMetrics(Metric):
     higher_is_better = True
 
     def __init__(
-        self, num_classes: int, class_names: Sequence[str] | None = None, absent: str = "zero", **kwargs
+        self, num_classes: int, class_names: Sequence[str] | None = None, absent: str = "zero", **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:

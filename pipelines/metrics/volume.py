@@ -8,6 +8,7 @@ convention), so their states are per-region sums and a volume count, summed acro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class SegmentationOverlapMetrics(Metric):
         regions: Sequence[str],
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         hd95: str = "directed",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if hd95 not in HD95_CONVENTIONS:
@@ -95,7 +96,7 @@ class ImageSimilarityMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, data_range: float, win_size: int = 7, **kwargs) -> None:
+    def __init__(self, data_range: float, win_size: int = 7, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not data_range > 0:
             raise ConfigError(f"ImageSimilarityMetrics: data_range={data_range!r}; expected a positive intensity range")

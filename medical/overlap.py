@@ -27,7 +27,9 @@ Boundary voxels are those of the mask that a one-voxel erosion with the 6-connec
 (scipy's default structure, as MONAI and medpy use; voxels on the array border count as boundary).
 Distances are exact Euclidean distances in mm, taken from scipy's distance transform with
 ``sampling=spacing`` over the bounding box of both masks; percentiles are linear interpolation
-(``numpy.percentile`` / ``torch.quantile`` default).
+(``numpy.percentile`` / ``torch.quantile`` default). The distance transform runs on the CPU (masks
+on a GPU are copied over, the result goes back to their device); HD95 is an evaluation metric, not a
+loss, so it needs no gradient.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ TOKEN_TYPES = ("tree", "type", "x", "y", "z")
 
 @dataclass
 class ModelSection:
-    d_model: int = 128
-    layers: int = 4
+    d_model: int = 64
+    layers: int = 3
     heads: int = 4
     dropout: float = 0.0
 

@@ -3,6 +3,7 @@
     threefold list
     threefold doctor
     threefold run PIPELINE [--data PATH] [--config FILE] [--resume RUN_DIR] [--runs-dir DIR] [key=value ...]
+                                          (key=value: config overrides with dotted keys, anywhere after PIPELINE)
     threefold eval PIPELINE --checkpoint CKPT [--data PATH] [key=value ...]
     threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
     threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
@@ -41,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="dataset root (default: the pipeline's embedded generated sample)")
     p.add_argument("--config", type=Path, help="YAML file overriding the shipped config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys, e.g. trainer.max_epochs=5")
+    p.set_defaults(accepts_overrides=True)
+    p.epilog = "Config overrides: key=value pairs with dotted keys anywhere after the pipeline name, e.g. trainer.max_epochs=5 model.hidden=32."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # Overrides (key=value) may stand anywhere after the pipeline name, also after options, which
+        # argparse's positionals cannot express: collect them from what the parser leaves over.
+        args, rest = parser.parse_known_args(argv)
+        args.overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+        unknown = [a for a in rest if a not in args.overrides]
+        if unknown or (args.overrides and not getattr(args, "accepts_overrides", False)):
+            raise _UsageError(f"threefold: unrecognized arguments: {' '.join(unknown or args.overrides)}")
         if args.command is None:
             parser.print_help()
             return 2

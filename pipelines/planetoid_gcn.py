@@ -138,8 +138,11 @@ class NodeClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # The accumulator syncs (sums) its counts across ranks itself: no sync_dist averaging here.
-        self.log("test_acc", self.test_acc.compute(), batch_size=1, rank_zero_only=False)
-        self.log("test_count", self.test_acc.total.float(), batch_size=1, rank_zero_only=False)
+        acc = self.test_acc.compute()
+        with self.test_acc.sync_context():
+            count = self.test_acc.total.clone()
+        self.log("test_acc", acc, batch_size=1)
+        self.log("test_count", count.float(), batch_size=1)
         self.test_acc.reset()
 
     def configure_optimizers(self):

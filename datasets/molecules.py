@@ -64,6 +64,8 @@ def _report(p: Path, records: list[dict[str, Any]], failures: list[tuple[int, st
         msg = f"{p}: {len(failures)} of {total} records cannot be read — {listing}{more}"
         if not skip_invalid:
             raise DataFormatError(msg + "; pass skip_invalid=True to keep the others")
+        if not records:
+            raise DataFormatError(msg + "; no record is readable")
         warnings.warn(msg + "; they are skipped (skip_invalid=True)", stacklevel=3)
     return records
 

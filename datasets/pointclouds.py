@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import tokenize
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -137,7 +138,8 @@ def _read_npy_array(p: Path, allowed_kinds: str, ndims: tuple[int, ...]) -> np.n
             else:
                 raise DataFormatError(f"{p}: .npy format version {major} is not supported (expected 1 or 2)")
             offset = f.tell()
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError, RecursionError, MemoryError, KeyError,
+            IndexError, tokenize.TokenError) as exc:  # what NumPy's header parser lets escape on a damaged header
         raise DataFormatError(f"{p}: not a valid .npy header ({exc})") from exc
     if dtype.hasobject:
         raise UnsafePickleError(f"{p}: .npy holds Python objects (dtype {dtype}); refused, pickles are never loaded")
@@ -268,7 +270,8 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
     if lines[0] != "ply":
         raise DataFormatError(f"{p}: not a PLY file (first line {lines[0][:40]!r}, expected 'ply')")
     fmt = None
-    elements: list[tuple[str, int, list[tuple[str, str, bool]]]] = []
+    # (element name, count, [(property name, value type, list-count type or None)])
+    elements: list[tuple[str, int, list[tuple[str, str, str | None]]]] = []
     for i, line in enumerate(lines[1:-1], start=2):
         tok = line.split()
         if not tok or tok[0] in ("comment", "obj_info"):
@@ -278,11 +281,11 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
         elif tok[0] == "element" and len(tok) == 3:
             elements.append((tok[1], _int(p, tok[2], f"element {tok[1]}"), []))
         elif tok[0] == "property" and elements and len(tok) == 3 and tok[1] in _PLY_TYPES:
-            elements[-1][2].append((tok[2], _PLY_TYPES[tok[1]], False))
+            elements[-1][2].append((tok[2], _PLY_TYPES[tok[1]], None))
         elif tok[0] == "property" and elements and len(tok) == 5 and tok[1] == "list":
             if tok[2] not in _PLY_TYPES or tok[3] not in _PLY_TYPES:
                 raise DataFormatError(f"{p}: header line {i}: unknown list property types {tok[2]!r}, {tok[3]!r}")
-            elements[-1][2].append((tok[4], _PLY_TYPES[tok[3]], True))
+            elements[-1][2].append((tok[4], _PLY_TYPES[tok[3]], _PLY_TYPES[tok[2]]))
         else:
             raise DataFormatError(f"{p}: header line {i} is not valid PLY: {line[:60]!r}")
     if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
@@ -292,6 +295,8 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
         raise DataFormatError(f"{p}: PLY has no 'vertex' element (elements: {', '.join(names) or 'none'})")
     v = names.index("vertex")
     _, count, props = elements[v]
+    if count == 0:
+        raise DataFormatError(f"{p}: the file holds no points (element vertex 0)")
     if any(is_list for _, _, is_list in props):
         raise DataFormatError(f"{p}: PLY vertex element has a list property; expected scalar properties only")
     prop_names = [n for n, _, _ in props]
@@ -301,31 +306,77 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
     if fmt == "ascii":
         text = _ascii_body(p, offset, sum(e[1] for e in elements), "lines (one per element of " + ", ".join(names) + ")")
         table = _loadtxt(p, io.StringIO(text), np.float64, max_rows=count, skiprows=sum(e[1] for e in elements[:v]))
-        if count and table.shape != (count, len(props)):
+        if table.shape != (count, len(props)):
             raise DataFormatError(
                 f"{p}: header declares {count} vertices with {len(props)} properties, found a {table.shape[0]} x {table.shape[1]} table"
             )
-        columns = {n: table[:, j] if count else np.zeros(0) for j, n in enumerate(prop_names)}
+        columns = {n: table[:, j] for j, n in enumerate(prop_names)}
     else:
         endian = "<" if fmt == "binary_little_endian" else ">"
-        sizes = []
-        for name, n, eprops in elements:
-            if any(is_list for _, _, is_list in eprops):
-                sizes.append(None)
-            else:
-                sizes.append(n * sum(np.dtype(t).itemsize for _, t, _ in eprops))
-        if any(s is None for s in sizes[:v]):
-            raise DataFormatError(f"{p}: binary PLY has a list-property element before 'vertex'; not supported")
         dtype = np.dtype([(n, endian + t) for n, t, _ in props])
-        start = offset + sum(sizes[:v])
-        nbytes = count * dtype.itemsize
-        if all(s is not None for s in sizes):
-            _check_data_size(p, offset, sum(sizes), "its elements")
-        elif start + nbytes > p.stat().st_size:
-            raise DataFormatError(f"{p}: header declares {count} vertices = {nbytes} bytes, the file is truncated")
+        start = _ply_binary_layout(p, offset, elements, v, endian)
         data = np.fromfile(p, dtype=dtype, count=count, offset=start)
         columns = {n: data[n] for n in prop_names}
     return _sample(p, columns, label_field)
+
+
+def _ply_binary_layout(p: Path, offset: int, elements: list[tuple[str, int, list[tuple[str, str, str | None]]]],
+                       v: int, endian: str) -> int:
+    """Byte offset of the vertex data, after checking that the elements fill the file exactly.
+
+    Every element is accounted for, faces included: a wrong vertex count would otherwise shift the
+    vertex block into the face data unnoticed. Elements with list properties are sized from their
+    count fields — all at once when every record has the first record's length (triangle meshes),
+    record by record only for mixed polygon sizes; the walk advances at least one byte per record, so
+    it ends within the file's size.
+    """
+    size = p.stat().st_size
+    raw: bytes | None = None
+    pos, start = offset, offset
+    for i, (name, n, eprops) in enumerate(elements):
+        if i == v:
+            start = pos
+        if not any(ct for _, _, ct in eprops):
+            pos += n * sum(np.dtype(t).itemsize for _, t, _ in eprops)
+        else:
+            if raw is None:
+                raw = p.read_bytes()
+            pos = _ply_list_element_end(p, raw, pos, name, n, eprops, endian)
+        if pos > size:
+            raise DataFormatError(f"{p}: header declares more data than the file holds (truncated in element {name!r})")
+    if pos != size:
+        raise DataFormatError(f"{p}: header accounts for {pos - offset} data bytes, the file holds {size - offset} (trailing bytes)")
+    return start
+
+
+def _ply_list_element_end(p: Path, raw: bytes, pos: int, name: str, n: int,
+                          eprops: list[tuple[str, str, str | None]], endian: str) -> int:
+    def read_count(at: int, ct: str) -> int:
+        if at + np.dtype(ct).itemsize > len(raw):
+            raise DataFormatError(f"{p}: element {name!r} is truncated")
+        k = int(np.frombuffer(raw, dtype=endian + ct, count=1, offset=at)[0])
+        if k < 0:
+            raise DataFormatError(f"{p}: element {name!r} has a negative list length {k}")
+        return k
+
+    lists = [(j, ct) for j, (_, _, ct) in enumerate(eprops) if ct]
+    if n == 0:
+        return pos
+    if len(lists) == 1:
+        j, ct = lists[0]
+        before = sum(np.dtype(t).itemsize for _, t, _ in eprops[:j])
+        k = read_count(pos + before, ct)
+        record = sum(np.dtype(t).itemsize for _, t, c in eprops if not c) + np.dtype(ct).itemsize + k * np.dtype(eprops[j][1]).itemsize
+        if pos + n * record <= len(raw):
+            counts = np.ndarray((n,), dtype=endian + ct, buffer=raw, offset=pos + before, strides=(record,))
+            if bool((counts == k).all()):
+                return pos + n * record
+    for _ in range(n):  # mixed list lengths: walk record by record
+        for _, t, ct in eprops:
+            pos += np.dtype(ct).itemsize + read_count(pos, ct) * np.dtype(t).itemsize if ct else np.dtype(t).itemsize
+        if pos > len(raw):
+            raise DataFormatError(f"{p}: element {name!r} is truncated")
+    return pos
 
 
 # --------------------------------------------------------------------------------------------- .pcd
@@ -363,6 +414,8 @@ def read_pcd(path: str | os.PathLike, label_field: str | None = None) -> dict[st
     n = _int(p, head["POINTS"][0], "POINTS") if head.get("POINTS") else width * height
     if n != width * height:
         raise DataFormatError(f"{p}: POINTS {n} differs from WIDTH x HEIGHT = {width} x {height}")
+    if n == 0:
+        raise DataFormatError(f"{p}: the file holds no points (POINTS 0)")
     dt = []
     for f, s, t, c in zip(fields, sizes, types, counts):
         if (t, s) not in _PCD_TYPES:
@@ -376,7 +429,7 @@ def read_pcd(path: str | os.PathLike, label_field: str | None = None) -> dict[st
     if mode == "ascii":
         table = _loadtxt(p, io.StringIO(_ascii_body(p, offset, n, "point lines")), np.float64, max_rows=n)
         width_cols = sum(c for _, _, c in dt)
-        if n and table.shape != (n, width_cols):
+        if table.shape != (n, width_cols):
             raise DataFormatError(
                 f"{p}: header declares {n} points of {width_cols} values, found a {table.shape[0]} x {table.shape[1]} table"
             )
@@ -385,7 +438,6 @@ def read_pcd(path: str | os.PathLike, label_field: str | None = None) -> dict[st
             if f != "_":
                 columns[f] = table[:, j] if c == 1 else table[:, j : j + c]
             j += c
-        columns = columns if n else {f: np.zeros(0) for f in columns}
     elif mode == "binary":
         dtype = np.dtype([(f if f != "_" else f"_pad{i}", "<" + t, (c,) if c > 1 else ()) for i, (f, t, c) in enumerate(dt)])
         _check_data_size(p, offset, n * dtype.itemsize, f"{n} points x {dtype.itemsize} bytes")

@@ -143,6 +143,15 @@ def test_ply_binary_handwritten(tmp_path, fmt, endian):
     huge = head.replace("element vertex 37", "element vertex 1000000000000")
     with pytest.raises(DataFormatError, match="truncated"):
         read_points(_write(tmp_path / "h.ply", huge.encode() + packed))
+    # a mesh: a triangle and a quad after the vertices; one vertex too many in the header must not
+    # silently eat face bytes as a vertex
+    faces = struct.pack(endian + "B3i", 3, 0, 1, 2) + struct.pack(endian + "B4i", 4, 0, 1, 2, 3)
+    mesh = head.replace("end_header", "element face 2\nproperty list uchar int vertex_indices\nend_header")
+    assert read_points(_write(tmp_path / "m.ply", mesh.encode() + packed + faces))["coord"].shape == (37, 3)
+    with pytest.raises(DataFormatError, match=r"m2\.ply"):
+        read_points(_write(tmp_path / "m2.ply", mesh.replace("vertex 37", "vertex 38").encode() + packed + faces))
+    with pytest.raises(DataFormatError, match=r"m3\.ply.*truncated"):
+        read_points(_write(tmp_path / "m3.ply", mesh.encode() + packed + faces[:-1]))
 
 
 def test_ply_and_pcd_written_by_open3d(tmp_path):

@@ -5,10 +5,13 @@ The point ops are re-exported here; the method subpackages are imported on their
 
 from threefold.geometry.chamfer import chamfer_distance, fscore, normal_consistency
 from threefold.geometry.neighbors import ball_query, group_patches, index_points, knn, knn_indices
+from threefold.geometry.sampling import farthest_point_sampling, farthest_point_sampling_ragged
 
 __all__ = [
     "ball_query",
     "chamfer_distance",
+    "farthest_point_sampling",
+    "farthest_point_sampling_ragged",
     "fscore",
     "group_patches",
     "index_points",

@@ -7,6 +7,7 @@
     threefold eval PIPELINE --checkpoint CKPT [--data PATH] [key=value ...]
     threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
     threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
+    threefold report RUN_DIR              (regenerates figures/ and report.md / report.html of a run)
 
 Exit codes: 0 success, 2 usage error, 1 runtime error (one line naming the problem; the full
 traceback only with ``--debug``).
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="regenerate the figures and report.md / report.html of a finished run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     p = sub.add_parser("prepare", help="preprocess a dataset into a cache folder")
     p.add_argument("dataset")
@@ -140,7 +144,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not inherited:
         write_metrics(run_dir / "metrics.json", metrics)
         _print_summary(metrics)
+        print(f"report: {_figures_and_report(pipe, cfg, run_dir, metrics)}")
         print(f"run folder: {run_dir}")
+    return 0
+
+
+def _figures_and_report(pipe: Any, cfg: Any, run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """The pipeline's figures, then the report; without matplotlib the report says figures were skipped."""
+    from threefold.datasets.errors import MissingExtraError
+    from threefold.pipelines.report import write_report
+
+    notes = []
+    try:
+        pipe.figures(cfg, run_dir, metrics)
+    except MissingExtraError as exc:
+        notes.append(f"figures skipped: {exc}")
+    return write_report(run_dir, notes)[1]
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from threefold.pipelines.config import read_yaml, resolve_config
+    from threefold.pipelines.registry import get_pipeline
+    from threefold.pipelines.report import read_metrics, write_report
+
+    run_dir = args.run_dir.resolve()
+    metrics = read_metrics(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():  # e.g. an `eval` folder: nothing to redraw the figures from
+        _, page = write_report(run_dir, [f"figures not regenerated: {config} does not exist"])
+    else:
+        pipe = get_pipeline(metrics.get("pipeline") or run_dir.parent.name)
+        cfg = resolve_config(pipe.config_class, overrides=read_yaml(config))
+        page = _figures_and_report(pipe, cfg, run_dir, metrics)
+    print(f"report: {page}")
     return 0
 
 
@@ -211,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from threefold.pipelines.doctor import doctor
 
             return doctor()
-        return {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "prepare": _cmd_prepare}[args.command](args)
+        return {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "prepare": _cmd_prepare,
+                "report": _cmd_report}[args.command](args)
     except _UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
         return 2

@@ -237,6 +237,52 @@ class PlanetoidGCN(Pipeline):
             "test_count": int(trainer.callback_metrics["test_count"]),
         }
 
+    def figures(self, cfg: PlanetoidGCNConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves of every seed, then from each seed's final checkpoint: per-class test accuracy
+        (mean ± std over seeds), the test confusion matrix summed over seeds, and a PCA of the first
+        seed's hidden layer (``GCN.embed``, eval mode: no dropout) for all nodes coloured by class."""
+        from threefold.pipelines.figures import figures_dir, plot_confusion_matrix, plot_embedding, plot_per_class
+        from threefold.pipelines.metrics import ClassificationMetrics
+
+        paths = super().figures(cfg, run_dir, metrics)
+        data_file = run_dir / "data_path.txt"
+        graph = load_graph(Path(data_file.read_text().strip()) if data_file.is_file() else None, cfg.dataset)
+        num_classes = int(graph.y.max()) + 1
+        seeds = metrics["seeds"]
+        per_seed_acc, confmat, embedding = [], torch.zeros(num_classes, num_classes, dtype=torch.int64), None
+        for seed in seeds:
+            module = _module_from_checkpoint(run_dir / f"seed{seed}" / "checkpoints" / "last.ckpt")
+            with torch.no_grad():
+                hidden = module.model.embed(graph.x, graph.edge_index)
+                pred = module(graph.x, graph.edge_index).argmax(-1)
+            if embedding is None:
+                embedding = hidden.numpy()
+            acc = ClassificationMetrics(num_classes)
+            acc.update(pred[graph.test_mask], graph.y[graph.test_mask])
+            confmat += acc.confmat
+            support = acc.confmat.sum(1).double()
+            per_seed_acc.append(torch.where(support > 0, acc.confmat.diagonal() / support, torch.nan))
+        stacked = torch.stack(per_seed_acc).numpy()
+        mean, std = stacked.mean(0), stacked.std(0)
+        classes = [str(c) for c in range(num_classes)]
+        out = figures_dir(run_dir)
+        seeds_text = ", ".join(map(str, seeds))
+        caption = f"Per-class test accuracy (recall), mean ± std over seeds {seeds_text}: " + ", ".join(
+            f"class {c} {m:.4f} ± {s:.4f}" for c, m, s in zip(classes, mean, std)
+        )
+        paths.append(plot_per_class({"accuracy": dict(zip(classes, mean))}, out / "per_class_accuracy.png",
+                                    errors={"accuracy": dict(zip(classes, std))}, caption=caption))
+        paths.append(plot_confusion_matrix(
+            confmat.numpy(), out / "confusion_matrix.png", classes,
+            caption=f"Test-node confusion matrix summed over seeds {seeds_text} (rows: ground truth, each row "
+            "divided by its number of test nodes).",
+        ))
+        paths.append(plot_embedding(
+            embedding, graph.y.numpy(), out / "embedding_pca.png", "pca", seed=seeds[0],
+            caption=f"PCA of the GCN hidden layer (seed {seeds[0]}, all {graph.num_nodes} nodes), coloured by class.",
+        ))
+        return paths
+
     def load(self, cfg: PlanetoidGCNConfig, checkpoint: Path) -> GCNPredictor:
         return GCNPredictor(_module_from_checkpoint(checkpoint))
 

@@ -50,6 +50,18 @@ class Pipeline:
     def load(self, cfg: Any, checkpoint: Path) -> Any:
         raise ConfigError(f"pipeline {self.name!r} has no Python inference entry point")
 
+    def figures(self, cfg: Any, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """PNG figures of a finished run under ``run_dir/figures/`` (issue #11), called by ``threefold
+        run`` in the main process before the report is written.
+
+        Default: training/validation curves of every Lightning CSV log and a per-class bar chart when
+        ``metrics`` holds ``"<family>/<class>"`` entries. Pipelines add their field's pictures with
+        the helpers of :mod:`threefold.pipelines.figures` (and usually keep these via ``super()``).
+        """
+        from threefold.pipelines.figures import default_figures
+
+        return default_figures(run_dir, metrics)
+
 
 _REGISTRY: dict[str, Pipeline] = {}
 _UNAVAILABLE: dict[str, str] = {}

@@ -14,8 +14,10 @@ which is then reported) and scores validity, uniqueness, novelty and EDM stabili
 generated per second.
 
 Data: without ``--data`` the embedded sample (419 QM9-like NCI molecules, RDKit ETKDG conformers,
-see :mod:`threefold.datasets.molecule_samples`) is used and written to ``run_dir/data`` as SDF.
-``--data`` takes a QM9 folder (``dsgdb9nsd_*.xyz``), an SDF file or an (extended) XYZ file.
+see :mod:`threefold.datasets.molecule_samples`) is used and written to ``run_dir/data`` as XYZ;
+samples go to ``run_dir/samples.xyz``. Without RDKit (the GPU image) validity is left to
+:func:`score_xyz_samples`, run later where RDKit is installed.
+``--data`` takes a QM9 folder (``dsgdb9nsd_*.xyz``), an SDF file or a plain multi-frame XYZ file.
 
 ``tokenize_command`` implements ``threefold tokenize --input FILE --out tokens.json [--decode]``.
 """
@@ -33,7 +35,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingExtraError, MissingFileError, require
 from threefold.datasets.splits import seed_everything
 from threefold.pipelines.config import RunConfig, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint, write_metrics
@@ -97,11 +99,12 @@ class Uni3DARRunConfig(RunConfig):
 def load_molecules(data: Path | None, run_dir: Path, limit: int = 0) -> tuple[list[dict[str, Any]], str]:
     """Molecule samples (``numbers``, ``positions`` Å) and a name of their source."""
     if data is None:
-        from threefold.datasets.molecule_samples import embedded_molecules, write_sdf
+        from threefold.datasets.molecule_samples import embedded_molecules
 
-        mols = embedded_molecules(seed=42, limit=limit or None)
-        write_sdf(mols, run_dir / "data" / "embedded_qm9_like.sdf")
-        return mols, "embedded (419 QM9-like NCI molecules, ETKDG seed 42)"
+        mols = embedded_molecules(limit=limit or None)
+        write_xyz(run_dir / "data" / "embedded_qm9_like.xyz", [(m["numbers"], m["positions"]) for m in mols],
+                  OctreeTokenizer("qm9").vocab)  # fmt: skip
+        return mols, "embedded (419 QM9-like NCI molecules, RDKit ETKDG seed 42)"
     if not data.exists():
         raise MissingFileError(f"--data {data}: no such file or folder")
     if data.is_dir():
@@ -113,11 +116,9 @@ def load_molecules(data: Path | None, run_dir: Path, limit: int = 0) -> tuple[li
 
         mols = read_sdf(data, sanitize=False)
     elif data.suffix.lower() == ".xyz":
-        from threefold.datasets.molecules import read_xyz
-
-        mols = read_xyz(data)
+        mols = [{"numbers": z, "positions": p.astype(np.float32)} for z, p in read_xyz_frames(data)]
     else:
-        raise DataFormatError(f"--data {data}: expected a QM9 folder, an .sdf or an .xyz file")
+        raise DataFormatError(f"--data {data}: expected a QM9 folder, an .sdf or a plain multi-frame .xyz file")
     return (mols[:limit] if limit else mols), str(data)
 
 
@@ -300,10 +301,11 @@ def unigram_log_probs(loader, vocab_size: int, bins: int) -> dict[str, torch.Ten
 
 def sample_and_score(
     model: Uni3DAR, tokenizer: OctreeTokenizer, train_mols: list[dict[str, Any]], cfg: SampleSection,
-    allowed_numbers: np.ndarray, seed: int, device: torch.device,
+    allowed_numbers: np.ndarray, seed: int, device: torch.device, out_xyz: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Generate ``cfg.num`` molecules in batches and score them; filtering is reported when on."""
-    from threefold.science.molecule_metrics import canonical_smiles, molecule_metrics
+    """Generate ``cfg.num`` molecules in batches and score them; filtering is reported when on.
+    Samples go to ``out_xyz`` (an incomplete one as an empty frame)."""
+    from threefold.science.molecule_metrics import canonical_smiles, molecule_metrics, stability
 
     vocab = tokenizer.vocab
     allowed = torch.as_tensor(vocab.element_ids(allowed_numbers))
@@ -330,7 +332,6 @@ def sample_and_score(
         perplexity.append(gen.perplexity)
     complete_all = np.concatenate(complete)
     scored = [m if ok else (m[0][:0], m[1][:0]) for m, ok in zip(mols, complete_all)]
-    train_smiles = {s for s in (canonical_smiles(m["numbers"], m["positions"]) for m in train_mols) if s}
     result: dict[str, Any] = {
         "num_sampled": cfg.num,
         "incomplete": int((~complete_all).sum()),
@@ -340,13 +341,67 @@ def sample_and_score(
         "temperature": cfg.temperature,
         "top_k": cfg.top_k,
     }
-    result.update(molecule_metrics([m for m in scored], train_smiles))
+    if out_xyz is not None:
+        write_xyz(out_xyz, scored, vocab)
+    try:
+        require("rdkit", extra="mol")
+    except MissingExtraError:  # the GPU image: stability only; rescore samples.xyz with score_xyz_samples
+        stab = [stability(z, p) for z, p in scored]
+        atoms = sum(len(z) for z, _ in scored)
+        result["atom_stability"] = sum(a for a, _ in stab) / max(atoms, 1)
+        result["molecule_stability"] = sum(m for _, m in stab) / max(len(stab), 1)
+        result["validity"] = "not computed: RDKit missing (run score_xyz_samples on samples.xyz)"
+        return result
+    train_smiles = {s for s in (canonical_smiles(m["numbers"], m["positions"]) for m in train_mols) if s}
+    result.update(molecule_metrics(scored, train_smiles))
     if cfg.keep_fraction < 1.0:
         merged = filter_best_fraction(_concat_generated(parts), cfg.keep_fraction)
-        kept = [m for m, k in zip(scored, merged.kept) if k]
-        result["filtered"] = molecule_metrics(kept, train_smiles)
+        result["filtered"] = molecule_metrics([m for m, k in zip(scored, merged.kept) if k], train_smiles)
     result["training_molecules_valid"] = len(train_smiles)
     return result
+
+
+def write_xyz(path: Path, mols: list[tuple[np.ndarray, np.ndarray]], vocab) -> None:
+    """Multi-frame XYZ of (numbers, positions Å); an empty frame marks an incomplete sample."""
+    lines = []
+    for i, (z, p) in enumerate(mols):
+        lines += [str(len(z)), f"sample {i}"]
+        lines += [f"{vocab.tokens[vocab.element_offset + a - 1]} {x:.4f} {y:.4f} {w:.4f}"
+                  for a, (x, y, w) in zip(np.asarray(z).tolist(), np.asarray(p).tolist())]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_xyz_frames(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frames of a plain multi-frame XYZ (element symbols) as (numbers, positions Å)."""
+    from threefold.science.vocab import ELEMENTS
+
+    index = {s: i + 1 for i, s in enumerate(ELEMENTS)}
+    lines = Path(path).read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines) and lines[i].strip():
+        n = int(lines[i])
+        rows = [lines[i + 2 + k].split() for k in range(n)]
+        try:
+            z = np.array([index[r[0]] for r in rows], np.int64)
+        except KeyError as exc:
+            raise DataFormatError(f"{path}: unknown element {exc.args[0]!r} in frame {len(out)}") from exc
+        out.append((z, np.array([[float(v) for v in r[1:4]] for r in rows]).reshape(n, 3)))
+        i += n + 2
+    return out
+
+
+def score_xyz_samples(samples: Path, training: Path | None = None) -> dict[str, Any]:
+    """Score a ``samples.xyz`` written by a run (e.g. on a machine without RDKit) against the
+    training molecules (default: the embedded sample). Needs RDKit."""
+    from threefold.science.molecule_metrics import canonical_smiles, molecule_metrics
+
+    mols = read_xyz_frames(samples)
+    train = read_xyz_frames(training) if training is not None else [
+        (m["numbers"], m["positions"]) for m in load_molecules(None, Path(samples).parent / "rescore")[0]
+    ]  # fmt: skip
+    train_smiles = {s for s in (canonical_smiles(z, p) for z, p in train) if s}
+    return molecule_metrics(mols, train_smiles)
 
 
 def _concat_generated(parts):
@@ -416,7 +471,9 @@ class _Uni3DARPipelineBase(Pipeline):
         metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
         train_mols = [mols[i] for i in train_idx]
         elements = np.unique(np.concatenate([np.asarray(m["numbers"]) for m in train_mols]))
-        metrics["sampling"] = sample_and_score(model, tokenizer, train_mols, cfg.sample, elements, cfg.seed, device)
+        metrics["sampling"] = sample_and_score(
+            model, tokenizer, train_mols, cfg.sample, elements, cfg.seed, device, ctx.run_dir / "samples.xyz"
+        )
         ctx.export_weights(module.model)
         return metrics
 

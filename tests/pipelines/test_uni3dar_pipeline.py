@@ -81,6 +81,11 @@ def test_qm9_uni3dar_runs_end_to_end(tmp_path):
     s = metrics["sampling"]
     assert s["num_sampled"] == 6 and s["filtering"] == "best 50% by atom perplexity" and "filtered" in s
     assert 0.0 <= s["validity"] <= 1.0 and s["molecules_per_second"] > 0
+    from threefold.pipelines.uni3dar import read_xyz_frames, score_xyz_samples
+
+    assert len(read_xyz_frames(run_dir / "samples.xyz")) == 6
+    rescored = score_xyz_samples(run_dir / "samples.xyz", run_dir / "data" / "embedded_qm9_like.xyz")
+    assert rescored["validity"] == pytest.approx(s["validity"]) and rescored["num_molecules"] == 6
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["model"]["d_model"] == 32
     from threefold.pipelines.registry import get_pipeline

@@ -1,0 +1,103 @@
+"""QM9 readers (Ramakrishnan et al., Sci. Data 1, 140022, 2014): the original extended-XYZ files
+``dsgdb9nsd_NNNNNN.xyz`` and the SDF + CSV form (``gdb9.sdf`` + ``gdb9.sdf.csv``, MoleculeNet).
+
+Original per-molecule file (the paper's Table 2)::
+
+    line 1           n_a, number of atoms
+    line 2           "gdb" tag, index, then 15 properties: A B C (GHz), mu (D), alpha (bohr^3),
+                     homo lumo gap (Ha), r2 (bohr^2), zpve U0 U H G (Ha), Cv (cal/mol K)
+    lines 3..n_a+2   element, x, y, z (Å), Mulliken partial charge (e)
+    line n_a+3       harmonic frequencies (cm^-1)
+    line n_a+4       SMILES from GDB-17 and from the relaxed geometry
+    line n_a+5       InChI, likewise
+
+Numbers may use Mathematica's exponent ``*^`` (``1.2*^-6``), read here as ``e``. Samples follow the
+molecule convention: ``numbers`` (N,) int64, ``positions`` (N, 3) float32 Å, ``props`` (dict of
+float, in the units above), ``smiles``, ``name``. No RDKit needed for the XYZ form.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threefold.datasets.errors import DataFormatError, MissingFileError
+
+QM9_PROPERTIES: tuple[str, ...] = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
+                                   "G", "Cv")  # fmt: skip
+
+_SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
+
+
+def _float(text: str, path: Path, line: int) -> float:
+    try:
+        return float(text.replace("*^", "e"))
+    except ValueError as exc:
+        raise DataFormatError(f"{path}: line {line}: {text!r} is not a number") from exc
+
+
+def read_qm9_xyz(path: Path) -> dict[str, Any]:
+    """One ``dsgdb9nsd_*.xyz`` file -> molecule sample (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such QM9 file")
+    lines = path.read_text().splitlines()
+    try:
+        n = int(lines[0].strip())
+    except (IndexError, ValueError) as exc:
+        raise DataFormatError(f"{path}: line 1 must hold the number of atoms") from exc
+    if n < 1 or len(lines) < n + 5:
+        raise DataFormatError(f"{path}: {len(lines)} lines, expected n_a + 5 = {n + 5} for n_a = {n}")
+    head = lines[1].split()
+    if len(head) != 2 + len(QM9_PROPERTIES) or head[0] != "gdb":
+        raise DataFormatError(f"{path}: line 2 must be 'gdb <index>' and {len(QM9_PROPERTIES)} properties")
+    props = {k: _float(v, path, 2) for k, v in zip(QM9_PROPERTIES, head[2:])}
+    numbers, positions = [], []
+    for i in range(n):
+        parts = lines[2 + i].split()
+        if len(parts) != 5:
+            raise DataFormatError(f"{path}: line {3 + i}: expected element x y z charge, got {lines[2 + i]!r}")
+        if parts[0] not in _SYMBOLS:
+            raise DataFormatError(f"{path}: line {3 + i}: element {parts[0]!r} is not one of QM9's H C N O F")
+        numbers.append(_SYMBOLS[parts[0]])
+        positions.append([_float(v, path, 3 + i) for v in parts[1:4]])
+    smiles = lines[n + 3].split()
+    return {
+        "numbers": np.array(numbers, np.int64),
+        "positions": np.array(positions, np.float32),
+        "props": props,
+        "smiles": smiles[-1] if smiles else "",
+        "name": f"gdb_{int(head[1])}",
+    }
+
+
+def read_qm9_folder(root: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """All ``dsgdb9nsd_*.xyz`` files of ``root`` in index order (at most ``limit``)."""
+    root = Path(root)
+    files = sorted(root.glob("dsgdb9nsd_*.xyz"))
+    if not files:
+        raise MissingFileError(f"{root}: no dsgdb9nsd_*.xyz files (the original QM9 layout)")
+    return [read_qm9_xyz(p) for p in files[:limit]]
+
+
+def read_qm9_sdf_csv(sdf: Path, csv_path: Path | None = None) -> list[dict[str, Any]]:
+    """The SDF + CSV form: molecules from ``gdb9.sdf`` (RDKit) with properties from ``gdb9.sdf.csv``
+    joined on the record title (``gdb_N``, column ``mol_id``). Every SDF record must have a row."""
+    from threefold.datasets.molecules import read_sdf
+
+    sdf = Path(sdf)
+    csv_path = Path(csv_path) if csv_path is not None else sdf.with_name(sdf.name + ".csv")
+    if not csv_path.is_file():
+        raise MissingFileError(f"{csv_path}: the property CSV of {sdf.name} is missing")
+    with csv_path.open(newline="") as f:
+        rows = {r["mol_id"]: r for r in csv.DictReader(f)}
+    mols = read_sdf(sdf, sanitize=False)
+    for m in mols:
+        row = rows.get(m["name"])
+        if row is None:
+            raise DataFormatError(f"{csv_path}: no row with mol_id {m['name']!r} (record {m['index']} of {sdf.name})")
+        m["props"] = {**m.get("props", {}), **{k: float(v) for k, v in row.items() if k != "mol_id"}}
+    return mols

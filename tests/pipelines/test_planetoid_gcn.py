@@ -33,15 +33,20 @@ def cora(test_data) -> Path:
     return test_data / "planetoid" / "raw"
 
 
-def test_cli_usage_and_runtime_errors(tmp_path):
-    out = threefold("run", "no-such-pipeline", cwd=tmp_path)
-    assert out.returncode == 2 and "unknown pipeline" in out.stderr and "planetoid-gcn" in out.stderr
-    out = threefold("run", "planetoid-gcn", "model.hiden=3", cwd=tmp_path)
-    assert out.returncode == 2 and "model.hidden" in out.stderr
-    out = threefold("run", "planetoid-gcn", "--data", str(tmp_path / "missing"), cwd=tmp_path)
-    assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
-    out = threefold("frobnicate", cwd=tmp_path)
-    assert out.returncode == 2
+def test_cli_usage_and_runtime_errors(tmp_path, monkeypatch, capsys):
+    from threefold.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "no-such-pipeline"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown pipeline" in err and "planetoid-gcn" in err
+    assert main(["run", "planetoid-gcn", "--data", str(tmp_path), "model.hiden=3"]) == 2
+    assert "model.hidden" in capsys.readouterr().err
+    assert main(["run", "planetoid-gcn", "--data", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["frobnicate"]) == 2
+    assert main(["list", "x=1"]) == 2
 
 
 def test_list_shows_pipelines_and_datasets(tmp_path):

@@ -249,7 +249,8 @@ def plot_per_class(
         ax.set_title(family)
         ax.grid(True, axis="y", alpha=0.3)
     caption = caption or "Per-class values: " + "; ".join(
-        f"{f}: " + ", ".join(f"{c} {values[f][c]:.3f}" for c in values[f]) for f in families
+        f"{f}: " + ", ".join(f"{c} " + ("n/a" if math.isnan(x) else f"{x:.3f}") for c, x in values[f].items())
+        for f in families
     )
     return save_figure(fig, out, caption)
 

@@ -251,7 +251,7 @@ class PlanetoidGCN(Pipeline):
         seeds = metrics["seeds"]
         per_seed_acc, confmat, embedding = [], torch.zeros(num_classes, num_classes, dtype=torch.int64), None
         for seed in seeds:
-            module = _module_from_checkpoint(run_dir / f"seed{seed}" / "checkpoints" / "last.ckpt")
+            module = _module_from_checkpoint(run_dir / f"seed{seed}" / "checkpoints" / "last.ckpt").eval()
             with torch.no_grad():
                 hidden = module.model.embed(graph.x, graph.edge_index)
                 pred = module(graph.x, graph.edge_index).argmax(-1)

@@ -98,7 +98,8 @@ def _markdown(title: str, notes: Sequence[str], tables, config: str | None, figu
     if not figures:
         lines += ["(no figures in figures/)", ""]
     for rel, caption in figures:
-        lines += [f"![{_md_cell(caption)}]({quote(rel)})", "", f"*{rel}*: {caption}", ""]
+        alt = _md_cell(caption).replace("[", "\\[").replace("]", "\\]")
+        lines += [f"![{alt}]({quote(rel)})", "", f"*{rel}*: {caption}", ""]
     return "\n".join(lines)
 
 

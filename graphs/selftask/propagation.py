@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from threefold.graphs.probes import LogisticRegression
 from threefold.graphs.selftask.graph_distances import adjacency
 
 
@@ -47,38 +48,6 @@ def label_propagation(
             break
     mass = f.sum(1, keepdim=True)
     return torch.where(mass > 0, f / mass.clamp(min=1e-12), torch.full_like(f, 1.0 / num_classes))
-
-
-class LogisticRegression(torch.nn.Module):
-    """Multinomial logistic regression with sklearn's objective ``Σ CE + ||W||² / (2C)`` (bias free
-    of penalty), fitted full-batch with L-BFGS. x (N, F) float32 → probabilities (N, C)."""
-
-    def __init__(self, in_dim: int, num_classes: int, c: float = 1.0) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(in_dim, num_classes)
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
-        self.c = c
-
-    def fit(self, x: Tensor, y: Tensor, max_iter: int = 200) -> "LogisticRegression":
-        self.to(x.device)
-        opt = torch.optim.LBFGS(self.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
-                                tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(self.linear(x), y, reduction="sum")
-            loss = loss + self.linear.weight.pow(2).sum() / (2 * self.c)
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        return self
-
-    @torch.no_grad()
-    def predict_proba(self, x: Tensor) -> Tensor:
-        return torch.softmax(self.linear(x), dim=1)
 
 
 def _neighbour_counts(a: Tensor, assignment: Tensor, num_classes: int) -> Tensor:

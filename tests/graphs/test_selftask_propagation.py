@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from threefold.graphs.probes import LogisticRegression
 from threefold.graphs.selftask.propagation import (
-    LogisticRegression,
     ica,
     label_propagation,
     neighbour_label_distribution,

@@ -21,7 +21,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("read_sdf", "read_xyz", "SDFMolecules", "XYZMolecules"), "threefold.datasets.molecules"),
     **dict.fromkeys(("collate_points", "collate_volumes", "split_by_offset", "offset_to_batch",
                      "batch_to_offset"), "threefold.datasets.collate"),
-    **dict.fromkeys(("split_indices", "kfold_indices", "seed_everything"), "threefold.datasets.splits"),
+    **dict.fromkeys(("split_indices", "kfold_indices", "seed_everything", "item_generator"),
+                    "threefold.datasets.splits"),
 }
 
 

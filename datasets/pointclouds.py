@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from threefold.datasets.errors import DataFormatError, MissingFileError, UnsafePickleError, require
 from threefold.datasets.registry import register_dataset
+from threefold.datasets.splits import item_generator
 
 POINT_SUFFIXES: tuple[str, ...] = (".bin", ".ply", ".pcd", ".npy", ".txt")
 LABEL_SUFFIXES: tuple[str, ...] = (".label", ".npy", ".txt")
@@ -138,6 +139,8 @@ def _read_npy_array(p: Path, allowed_kinds: str, ndims: tuple[int, ...]) -> np.n
             else:
                 raise DataFormatError(f"{p}: .npy format version {major} is not supported (expected 1 or 2)")
             offset = f.tell()
+    except DataFormatError:
+        raise
     except (ValueError, EOFError, OSError, SyntaxError, TypeError, RecursionError, MemoryError, KeyError,
             IndexError, tokenize.TokenError) as exc:  # what NumPy's header parser lets escape on a damaged header
         raise DataFormatError(f"{p}: not a valid .npy header ({exc})") from exc
@@ -463,8 +466,9 @@ def _read_pcd_compressed(p: Path, offset: int, n: int, dt: list[tuple[str, str, 
         raise DataFormatError(
             f"{p}: compressed block unpacks to {uncompressed} bytes, but {n} points x {point_bytes} bytes are declared"
         )
-    if uncompressed > 0 and compressed == 0:
-        raise DataFormatError(f"{p}: compressed block is empty but declares {uncompressed} bytes")
+    # an LZF back-reference (3 bytes) expands to at most 264 bytes, so no valid block grows beyond 88x
+    if uncompressed > 88 * compressed:
+        raise DataFormatError(f"{p}: a {compressed}-byte LZF block cannot unpack to the declared {uncompressed} bytes")
     o3d = require("open3d", extra="lidar")
     cloud = o3d.t.io.read_point_cloud(str(p))
     attrs = {k: cloud.point[k].numpy() for k in cloud.point}
@@ -667,7 +671,5 @@ class PointCloudFolder(Dataset):
                 sample["label"] = raw
         sample["name"] = path.stem
         if self.transform is not None:
-            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-            sample = self.transform(sample, gen)
+            sample = self.transform(sample, item_generator(self.seed, self.epoch, index))
         return sample

@@ -88,3 +88,14 @@ def kfold_indices(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     folds = np.array_split(perm, int(k))
     return [(np.concatenate(folds[:i] + folds[i + 1 :]), folds[i]) for i in range(int(k))]
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for the augmentation of one dataset item in one epoch.
+
+    Seeded from ``(seed, epoch, index)`` through NumPy's ``SeedSequence`` (well-mixed 64-bit state),
+    so an item draws the same augmentation in whichever DataLoader worker loads it, and a new one
+    each epoch.
+    """
+    hi, lo = np.random.SeedSequence([_check_seed(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(hi) << 32 | int(lo))

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from threefold.datasets.errors import DataFormatError, MissingFileError, require
 from threefold.datasets.registry import register_dataset
+from threefold.datasets.splits import item_generator
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 _CHUNK = 1 << 22  # decompression step (bytes) for the size check of .nii.gz
@@ -245,6 +246,5 @@ class NiftiFolder(Dataset):
             sample["label"] = lab["image"]
         sample["name"] = name
         if self.transform is not None:
-            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-            sample = self.transform(sample, torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+            sample = self.transform(sample, item_generator(self.seed, self.epoch, index))
         return sample

@@ -199,6 +199,15 @@ def test_pcd_ascii_and_binary_handwritten(tmp_path):
         read_points(_write(tmp_path / "n.pcd", nan))
 
 
+def test_pcd_compressed_block_that_cannot_hold_its_declared_size(tmp_path):
+    # 10^6 points x 12 bytes declared from a 9-byte LZF block: refused before open3d allocates
+    head = _pcd_header(1000000, "binary_compressed", fields="x y z", size="4 4 4", type_="F F F", count="1 1 1")
+    block = bytes([7]) + b"\0" * 8
+    data = head.encode() + struct.pack("<II", len(block), 12 * 1000000) + block
+    with pytest.raises(DataFormatError, match=r"z\.pcd.*cannot unpack"):
+        read_points(_write(tmp_path / "z.pcd", data))
+
+
 def test_pcd_multi_count_field_and_padding(tmp_path):
     # a 2-value descriptor and a PCL "_" padding field; features must keep both descriptor values
     head = _pcd_header(3, "binary", fields="x y z desc _", size="4 4 4 4 1", type_="F F F F U", count="1 1 1 2 4")

@@ -11,7 +11,7 @@ import torch
 from sklearn.model_selection import KFold
 
 from threefold.datasets.errors import ConfigError
-from threefold.datasets.splits import kfold_indices, seed_everything, split_indices
+from threefold.datasets.splits import item_generator, kfold_indices, seed_everything, split_indices
 
 
 @pytest.mark.parametrize("n,fractions,sizes", [
@@ -72,3 +72,11 @@ def test_seed_everything_reproduces_all_generators():
     for bad in (1.5, "7", True, 2**32):
         with pytest.raises(ConfigError):
             seed_everything(bad)
+
+
+def test_item_generator_depends_only_on_seed_epoch_index():
+    draw = torch.rand(4, generator=item_generator(7, 0, 3))
+    torch.manual_seed(999)  # global state must not matter
+    assert torch.equal(torch.rand(4, generator=item_generator(7, 0, 3)), draw)
+    others = [item_generator(7, 1, 3), item_generator(7, 0, 4), item_generator(8, 0, 3)]
+    assert all(not torch.equal(torch.rand(4, generator=g), draw) for g in others)

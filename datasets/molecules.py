@@ -100,7 +100,10 @@ def _sdf_record(Chem: Any, block: str, sanitize: bool) -> dict[str, Any]:
     head, sep, tail = block.partition("M  END")
     if not sep:
         raise _BadRecord("no 'M  END' line")
-    mol = Chem.MolFromMolBlock(head + sep, sanitize=False, removeHs=False, strictParsing=True)
+    try:
+        mol = Chem.MolFromMolBlock(head + sep, sanitize=False, removeHs=False, strictParsing=True)
+    except (ValueError, RuntimeError) as exc:
+        raise _BadRecord(f"RDKit cannot parse the molfile block: {exc}") from exc
     if mol is None:
         raise _BadRecord("RDKit cannot parse the molfile block")
     if sanitize:
@@ -114,6 +117,8 @@ def _sdf_record(Chem: Any, block: str, sanitize: bool) -> dict[str, Any]:
     pos = _check_positions(np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64), n)
     # one call per atom through RDKit's API, which offers no array accessor; readers run once per dataset
     z = np.fromiter((a.GetAtomicNum() for a in mol.GetAtoms()), dtype=np.int64, count=n)
+    if (z == 0).any():
+        raise _BadRecord(f"query/dummy atoms (atomic number 0) at atoms {np.flatnonzero(z == 0)[:10].tolist()}")
     props: dict[str, float | str] = {}
     lines = tail.split("\n")
     i = 0

@@ -75,6 +75,7 @@ def read_mp20_csv(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
             name = row.get("material_id") or f"{path.name} row {i}"
             s = _read_cif_text(row["cif"], f"{path.name} row {i} ({name})")
             s["props"] = {k: _maybe_float(v) for k, v in row.items() if k not in ("cif", "", None)}
+            s["name"] = name
             out.append(s)
     return out
 

@@ -5,6 +5,8 @@ NumPy's writer, and every validation error the issue lists."""
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,13 @@ import pytest
 import torch
 import yaml
 
-from threefold.datasets.errors import DataFormatError, MissingFileError, ThreefoldError, UnsafePickleError
+from threefold.datasets.errors import (
+    DataFormatError,
+    MissingExtraError,
+    MissingFileError,
+    ThreefoldError,
+    UnsafePickleError,
+)
 from threefold.datasets.pointclouds import (
     LabelMap,
     PointCloudFolder,
@@ -293,3 +301,19 @@ def test_pointcloud_folder(tmp_path):
     with pytest.raises(DataFormatError, match="label_map"):
         plain[0]  # raw ids 10, 20 are not classes 0..1
     assert issubclass(DataFormatError, ThreefoldError)
+
+
+def test_reader_modules_do_not_import_heavy_extras():
+    code = ("import sys, threefold.datasets.pointclouds, threefold.datasets.volumes, threefold.datasets.molecules; "
+            "print(sorted(m for m in ('open3d', 'nibabel', 'rdkit', 'lightning', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_open3d_names_the_extra(tmp_path, monkeypatch):
+    head = _pcd_header(1, "binary_compressed", fields="x y z", size="4 4 4", type_="F F F", count="1 1 1")
+    soa = struct.pack("<3f", 1.0, 2.0, 3.0)
+    f = _write(tmp_path / "c.pcd", head.encode() + struct.pack("<II", 13, 12) + bytes([11]) + soa)
+    monkeypatch.setitem(sys.modules, "open3d", None)  # makes `import open3d` fail
+    with pytest.raises(MissingExtraError, match=r"threefold\[lidar\]"):
+        read_points(f)

@@ -16,7 +16,7 @@ import torch
 from threefold.datasets.errors import DataFormatError
 
 # Per-point fields concatenated along dim 0; everything else is kept as a per-sample list.
-POINT_FIELDS: tuple[str, ...] = ("coord", "feat", "label", "normal", "instance")
+POINT_FIELDS: tuple[str, ...] = ("coord", "feat", "label", "label_raw", "normal", "instance")
 # Per-voxel fields stacked into (B, C, D, H, W); geometry is kept per sample.
 VOLUME_FIELDS: tuple[str, ...] = ("image", "label")
 

@@ -264,6 +264,8 @@ def _xyz_frame(lines: list[str], start: int, n: int) -> dict[str, Any]:
                 raise _BadRecord(f"Lattice={value!r} is not 9 numbers") from exc
             if lat.size != 9 or not np.isfinite(lat).all():
                 raise _BadRecord(f"Lattice={value!r} is not 9 finite numbers")
+            if abs(np.linalg.det(lat.reshape(3, 3))) < 1e-6:
+                raise _BadRecord(f"Lattice={value!r} is singular (zero cell volume)")
             rec["lattice"] = lat.reshape(3, 3).astype(np.float32)
         elif key == "pbc":
             flags = value.split()

@@ -133,6 +133,8 @@ def test_xyz_plain_multi_frame(tmp_path):
         read_xyz(_write(tmp_path / "bad.xyz", "three\n\nO 0 0 0\n"))
     with pytest.raises(DataFormatError, match="record 0: NaN/inf"):
         read_xyz(_write(tmp_path / "n.xyz", "1\n\nO inf 0 0\n"))
+    with pytest.raises(DataFormatError, match="record 0: Lattice=.*singular"):
+        read_xyz(_write(tmp_path / "s.xyz", '1\nLattice="1 0 0 2 0 0 0 0 1"\nO 0 0 0\n'))
 
 
 def test_extended_xyz_written_by_ase(tmp_path):

@@ -9,8 +9,15 @@ Shapes: a point set is ``(B, N, D)`` (batched) or ``(N, D)`` (one cloud); coordi
 float64 in the caller's unit (metres for LiDAR, unit-sphere-normalised for ShapeNet). Indices are
 int64 and refer to the second-to-last axis of ``ref``.
 
+Three-dimensional queries go through a uniform grid: reference points are sorted by cell, and each
+query looks at the 3x3x3 cells around its own (nine contiguous runs of the sorted order, found with
+``searchsorted``). The search is exact: a kNN answer is accepted only when the k-th distance is shorter
+than the distance from the query to the outside of the searched block; the other queries are retried
+on a grid of twice the cell size, and the last few by brute force. The ball query uses cells at least
+``radius`` wide, so the block always contains the whole ball. Other dimensions use blocked brute force.
+
 Memory is bounded: no ``(N, M)`` distance matrix is ever formed for the whole cloud; distances are
-computed in query blocks of at most :data:`BLOCK_ELEMENTS` pairs.
+computed in query blocks of at most :data:`BLOCK_ELEMENTS` (query, candidate) pairs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from threefold.datasets.errors import ConfigError, DataFormatError
 
 #: Upper bound on the number of (query, reference) pairs whose distances are held at once.
 BLOCK_ELEMENTS = 1 << 23
+#: Problems with at most this many (query, reference) pairs use brute force: the grid's set-up costs more.
+DENSE_MAX_PAIRS = 1 << 18
+#: Mean reference points per grid cell for kNN, as a multiple of k (a cell must hold the k-th
+#: neighbour of most queries: 0.24 k is the break-even for uniform density).
+KNN_CELL_FILL = 0.6
+#: Grid rounds (cell size doubling each time) before the remaining kNN queries fall back to brute force.
+KNN_GRID_ROUNDS = 4
 
 
 def _as_batched(points: Tensor, name: str) -> tuple[Tensor, bool]:
@@ -86,7 +100,10 @@ def knn_indices(query: Tensor, ref: Tensor, k: int) -> Tensor:
     if not 1 <= k <= r.shape[1]:
         raise ConfigError(f"knn: k={k} must be between 1 and the number of reference points ({r.shape[1]})")
     with torch.no_grad():
-        idx = _dense_knn_idx(q.detach(), r.detach(), k)
+        if q.shape[2] == 3 and q.shape[0] * q.shape[1] * r.shape[1] > DENSE_MAX_PAIRS:
+            idx = _grid_knn_idx(q.detach(), r.detach(), k)
+        else:
+            idx = _dense_knn_idx(q.detach(), r.detach(), k)
     return idx[0] if unbatched else idx
 
 
@@ -132,7 +149,10 @@ def ball_query(query: Tensor, ref: Tensor, radius: float, k: int) -> tuple[Tenso
     if k < 1:
         raise ConfigError(f"ball_query: k={k} must be >= 1")
     with torch.no_grad():
-        idx, count = _dense_ball_query(q.detach(), r.detach(), radius, k)
+        if q.shape[2] == 3 and q.shape[0] * q.shape[1] * r.shape[1] > DENSE_MAX_PAIRS:
+            idx, count = _grid_ball_query(q.detach(), r.detach(), radius, k)
+        else:
+            idx, count = _dense_ball_query(q.detach(), r.detach(), radius, k)
     return (idx[0], count[0]) if unbatched else (idx, count)
 
 
@@ -161,6 +181,160 @@ def _pad_with_first(first: Tensor, missing: int) -> tuple[Tensor, Tensor]:
     count = found.sum(-1)
     head = torch.where(found[..., :1], first[..., :1], 0)
     return torch.where(found, first, head), count
+
+
+class _Grid:
+    """Reference points of every cloud sorted by cell of a uniform grid (cell size per cloud)."""
+
+    def __init__(self, q: Tensor, r: Tensor, cell: Tensor) -> None:
+        b, m, _ = r.shape
+        self.b, self.m = b, m
+        self.lo = torch.minimum(q.amin(1), r.amin(1))  # (B, 3)
+        extent = torch.maximum(q.amax(1), r.amax(1)) - self.lo
+        # Cap the cells per axis so that cell keys of all clouds fit in int64.
+        max_cells = 1 << max(1, (62 - max(b - 1, 1).bit_length()) // 3)
+        self.cell = torch.maximum(cell, extent.amax(1) / (max_cells - 1)).clamp_min(torch.finfo(r.dtype).tiny)
+        self.dims = (extent / self.cell[:, None]).floor().long() + 1  # (B, 3)
+        ncell = self.dims.prod(1)
+        self.base = torch.cumsum(ncell, 0) - ncell
+        rc = self._cells(r)
+        keys, self.perm = self._key(rc, torch.arange(b, device=r.device)[:, None]).view(-1).sort()
+        self.keys = keys.contiguous()
+        self.sorted_ref = r.reshape(-1, 3).index_select(0, self.perm)  # (B*M, 3)
+        self.sorted_local = self.perm % m  # index within its own cloud
+
+    def _cells(self, pts: Tensor) -> Tensor:
+        c = ((pts - self.lo[:, None]) / self.cell[:, None, None]).floor().long()
+        return torch.minimum(c.clamp_min(0), self.dims[:, None] - 1)
+
+    def _key(self, c: Tensor, batch: Tensor) -> Tensor:
+        ny, nz = self.dims[batch, 1], self.dims[batch, 2]
+        return self.base[batch] + (c[..., 0] * ny + c[..., 1]) * nz + c[..., 2]
+
+    def runs(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Nine runs of the sorted reference order around each query: ``start, count (B*Q, 9)``,
+        and ``bound (B*Q,)``, the distance from the query to the outside of its 3x3x3 block
+        (inf where the block reaches the grid edge on every side)."""
+        b, nq, _ = q.shape
+        batch = torch.arange(b, device=q.device).repeat_interleave(nq)
+        c = self._cells(q).view(-1, 3)
+        dims = self.dims[batch]
+        step = torch.tensor([-1, 0, 1], device=q.device)
+        cx = c[:, 0, None, None] + step[:, None]  # (BQ, 3, 1)
+        cy = c[:, 1, None, None] + step[None, :]  # (BQ, 1, 3)
+        inside = (cx >= 0) & (cx < dims[:, 0, None, None]) & (cy >= 0) & (cy < dims[:, 1, None, None])
+        z_lo = (c[:, 2] - 1).clamp_min(0)[:, None, None]
+        z_hi = torch.minimum(c[:, 2] + 1, dims[:, 2] - 1)[:, None, None]
+        col = self.base[batch, None, None] + (cx * dims[:, 1, None, None] + cy) * dims[:, 2, None, None]
+        start = torch.searchsorted(self.keys, (col + z_lo).view(-1, 9))
+        end = torch.searchsorted(self.keys, (col + z_hi).view(-1, 9), right=True)
+        count = torch.where(inside.view(-1, 9), end - start, 0)
+        cell = self.cell[batch, None]
+        pos = q.reshape(-1, 3) - self.lo[batch]
+        below = torch.where(c >= 1, pos - (c - 1) * cell, float("inf"))
+        above = torch.where(c + 2 <= dims - 1, (c + 2) * cell - pos, float("inf"))
+        return start, count, torch.minimum(below, above).amin(1)
+
+    def candidates(self, q_rows: Tensor, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Candidates of a block of queries ``(R, 3)`` with runs ``start, count (R, runs)``: position in
+        the sorted reference order ``(R, C)`` (0 where there is none) and squared distance ``(R, C)``
+        (inf where there is none)."""
+        rows, runs = count.shape
+        dev = count.device
+        total = count.sum(1)
+        width = max(1, int(total.max()))
+        n_cand = int(total.sum())
+        # Flat list of every (query, candidate) pair, then scattered into a padded (R, width) table.
+        flat_count = count.view(-1)
+        run_of = torch.repeat_interleave(torch.arange(rows * runs, device=dev), flat_count, output_size=n_cand)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=dev), total, output_size=n_cand)
+        serial = torch.arange(n_cand, device=dev)
+        flat_pos = (start.view(-1) - torch.cumsum(flat_count, 0) + flat_count)[run_of].add_(serial)
+        col_of = serial.sub_((torch.cumsum(total, 0) - total)[row_of])
+        cand = self.sorted_ref.index_select(0, flat_pos)
+        query = q_rows.index_select(0, row_of)
+        flat_d2 = (cand[:, 0] - query[:, 0]).square_()
+        flat_d2.add_((cand[:, 1] - query[:, 1]).square_()).add_((cand[:, 2] - query[:, 2]).square_())
+        pos = torch.zeros(rows, width, dtype=torch.long, device=dev)
+        pos.index_put_((row_of, col_of), flat_pos)
+        d2 = torch.full((rows, width), float("inf"), dtype=q_rows.dtype, device=dev)
+        d2.index_put_((row_of, col_of), flat_d2)
+        return pos, d2
+
+
+def _blocks(count: Tensor) -> list[tuple[int, int]]:
+    """Split query rows into consecutive blocks of at most BLOCK_ELEMENTS candidates (padded width)."""
+    total = count.sum(1)
+    n = len(total)
+    if n == 0:
+        return []
+    width = max(1, int(total.max()))
+    step = max(1, BLOCK_ELEMENTS // width)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
+    b, nq, _ = q.shape
+    m = r.shape[1]
+    extent = (torch.maximum(q.amax(1), r.amax(1)) - torch.minimum(q.amin(1), r.amin(1))).clamp_min(1e-12)
+    # Cell size for KNN_CELL_FILL * k points per cell if the cloud filled its box; surfaces are
+    # denser than that, so shrink to the median occupancy seen on that first grid.
+    cell = (extent.prod(1) * KNN_CELL_FILL * k / m) ** (1 / 3)
+    probe = _Grid(q, r, cell)
+    _, inverse, occupancy = torch.unique_consecutive(probe.keys, return_inverse=True, return_counts=True)
+    per_point = occupancy[inverse].view(b, m).float()
+    typical = per_point.median(1).values.to(r.dtype)
+    cell = probe.cell * (KNN_CELL_FILL * k / typical).clamp(max=1.0) ** (1 / 3)
+
+    out = torch.empty(b * nq, k, dtype=torch.long, device=q.device)
+    todo = torch.arange(b * nq, device=q.device)
+    q_flat = q.reshape(-1, 3)
+    for _ in range(KNN_GRID_ROUNDS):
+        if todo.numel() == 0:
+            break
+        grid = _Grid(q, r, cell)
+        start, count, bound = grid.runs(q)
+        start, count, bound = start[todo], count[todo], bound[todo]
+        failed = []
+        for s, e in _blocks(count):
+            rows = todo[s:e]
+            pos, d2 = grid.candidates(q_flat[rows], start[s:e], count[s:e])
+            kk = min(k, d2.shape[1])
+            best = d2.topk(kk, dim=1, largest=False, sorted=True)
+            # Accept only when no point outside the searched block can be as close as the k-th found.
+            ok = (count[s:e].sum(1) >= k) & (best.values[:, -1] * (1 + 1e-5) < bound[s:e].square())
+            if kk == k:
+                out[rows[ok]] = grid.sorted_local[pos[ok].gather(1, best.indices[ok])]
+            failed.append(rows[~ok])
+        todo = torch.cat(failed) if failed else todo[:0]
+        cell = grid.cell * 2
+    if todo.numel():
+        batch = todo // nq
+        for c in range(b):
+            rows = todo[batch == c]
+            if rows.numel():
+                out[rows] = _dense_knn_idx(q_flat[rows][None], r[c : c + 1], k)[0]
+    return out.view(b, nq, k)
+
+
+def _grid_ball_query(q: Tensor, r: Tensor, radius: float, k: int) -> tuple[Tensor, Tensor]:
+    b, nq, _ = q.shape
+    m = r.shape[1]
+    # Cells at least `radius` wide: the 3x3x3 block around a query contains its whole ball.
+    grid = _Grid(q, r, torch.full((b,), radius, dtype=q.dtype, device=q.device))
+    start, count, _ = grid.runs(q)
+    q_flat = q.reshape(-1, 3)
+    idx = torch.empty(b * nq, k, dtype=torch.long, device=q.device)
+    found = torch.empty(b * nq, dtype=torch.long, device=q.device)
+    for s, e in _blocks(count):
+        pos, d2 = grid.candidates(q_flat[s:e], start[s:e], count[s:e])
+        keys = torch.where(d2 < radius * radius, grid.sorted_local[pos], m)
+        kk = min(k, keys.shape[1])
+        first = keys.topk(kk, dim=1, largest=False, sorted=True).values
+        if kk < k:
+            first = torch.cat([first, first.new_full((len(first), k - kk), m)], dim=1)
+        idx[s:e], found[s:e] = _pad_with_first(first, m)
+    return idx.view(b, nq, k), found.view(b, nq)
 
 
 def index_points(points: Tensor, idx: Tensor) -> Tensor:

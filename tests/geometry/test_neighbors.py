@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+import threefold.geometry.neighbors as neighbors
 from threefold.datasets.errors import ConfigError, DataFormatError
 from threefold.geometry.neighbors import ball_query, group_patches, index_points, knn, knn_indices
+
+
+@pytest.fixture(params=["grid", "dense"])
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the grid search and through blocked brute force (small blocks)."""
+    if request.param == "grid":
+        monkeypatch.setattr(neighbors, "DENSE_MAX_PAIRS", 0)
+    else:
+        monkeypatch.setattr(neighbors, "DENSE_MAX_PAIRS", 1 << 62)
+    monkeypatch.setattr(neighbors, "BLOCK_ELEMENTS", 20_000)
+    return request.param
 
 
 def _knn_numpy(q: np.ndarray, r: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +47,7 @@ def _ball_numpy(q: np.ndarray, r: np.ndarray, radius: float, k: int) -> tuple[np
 
 
 @pytest.mark.parametrize("dim", [3, 5])
-def test_knn_matches_brute_force(dim: int) -> None:
+def test_knn_matches_brute_force(search: str, dim: int) -> None:
     rng = np.random.default_rng(0)
     q = rng.normal(size=(2, 300, dim))
     r = rng.normal(size=(2, 700, dim))
@@ -47,7 +59,7 @@ def test_knn_matches_brute_force(dim: int) -> None:
         np.testing.assert_allclose(dist[b].numpy(), want_d, rtol=1e-12)
 
 
-def test_knn_unbatched_self_query_finds_itself_first() -> None:
+def test_knn_unbatched_self_query_finds_itself_first(search: str) -> None:
     r = torch.rand(1000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     dist, idx = knn(r, r, 4)
     np.testing.assert_array_equal(idx[:, 0].numpy(), np.arange(1000))
@@ -55,7 +67,7 @@ def test_knn_unbatched_self_query_finds_itself_first() -> None:
     np.testing.assert_array_equal(idx.numpy(), _knn_numpy(r.numpy(), r.numpy(), 4)[1])
 
 
-def test_knn_nonuniform_cloud_and_far_queries() -> None:
+def test_knn_nonuniform_cloud_and_far_queries(search: str) -> None:
     """Clustered points and queries far outside the cloud exercise every search path."""
     rng = np.random.default_rng(2)
     r = np.concatenate([rng.normal(size=(1500, 3)) * 0.01, rng.normal(size=(300, 3)) * 5, [[40.0, 0, 0]]])
@@ -75,7 +87,7 @@ def test_knn_float32_distances_and_gradient() -> None:
 
 
 @pytest.mark.parametrize("dim", [3, 2])
-def test_ball_query_matches_pointnet2_convention(dim: int) -> None:
+def test_ball_query_matches_pointnet2_convention(search: str, dim: int) -> None:
     rng = np.random.default_rng(4)
     r = rng.random((2, 600, dim))
     q = np.concatenate([r[:, :40], rng.random((2, 40, dim)) * 3 - 1], axis=1)  # some balls empty
@@ -87,14 +99,14 @@ def test_ball_query_matches_pointnet2_convention(dim: int) -> None:
     assert (count == 0).any() and (count == 12).any() and ((count > 0) & (count < 12)).any()
 
 
-def test_ball_query_k_larger_than_cloud() -> None:
+def test_ball_query_k_larger_than_cloud(search: str) -> None:
     r = torch.tensor([[0.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0]])
     idx, count = ball_query(r[:1], r, 1.0, 5)
     assert count.tolist() == [2]
     assert idx.tolist() == [[0, 1, 0, 0, 0]]
 
 
-def test_index_points_and_group_patches() -> None:
+def test_index_points_and_group_patches(search: str) -> None:
     g = torch.Generator().manual_seed(5)
     pts = torch.rand(2, 400, 3, dtype=torch.float64, generator=g)
     feats = torch.rand(2, 400, 4, dtype=torch.float64, generator=g)

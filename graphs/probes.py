@@ -82,35 +82,37 @@ def mlp_probe(
     epochs: int = 50, patience: int = 10, batch_size: int = 512, dropout: float = 0.5,
 ) -> dict[str, float]:
     """The reference's MLP node classifier (see module docstring). ``train/val/test`` are index
-    tensors; parameters are initialised from ``generator`` via a forked RNG state."""
+    tensors. Initialisation and dropout draw from torch's global RNG inside a fork seeded from
+    ``generator``, so the probe is reproducible and leaves the caller's RNG state untouched."""
     emb = emb.detach()
     d = emb.shape[1]
-    with torch.random.fork_rng(devices=[]):
+    devices = [emb.device] if emb.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         clf = _mlp(d, max(d // 2, 2), int(y.max()) + 1, 4, dropout).to(emb.device)
-    opt = torch.optim.Adam(clf.parameters())
-    best_val, test_at_best, since = -1.0, 0.0, 0
-    for _ in range(epochs):
-        clf.train()
-        order = train[torch.randperm(train.numel(), generator=generator).to(train.device)]
-        for lo in range(0, order.numel(), batch_size):
-            idx = order[lo : lo + batch_size]
-            if idx.numel() < 2:  # BatchNorm needs two samples
-                continue
-            loss = nn.functional.cross_entropy(clf(emb[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        clf.eval()
-        with torch.no_grad():
-            va = (clf(emb[val]).argmax(1) == y[val]).float().mean().item()
-            if va > best_val:
-                best_val, since = va, 0
-                test_at_best = (clf(emb[test]).argmax(1) == y[test]).float().mean().item()
-            else:
-                since += 1
-        if since > patience:
-            break
+        opt = torch.optim.Adam(clf.parameters())
+        best_val, test_at_best, since = -1.0, 0.0, 0
+        for _ in range(epochs):
+            clf.train()
+            order = train[torch.randperm(train.numel(), generator=generator).to(train.device)]
+            for lo in range(0, order.numel(), batch_size):
+                idx = order[lo : lo + batch_size]
+                if idx.numel() < 2:  # BatchNorm needs two samples
+                    continue
+                loss = nn.functional.cross_entropy(clf(emb[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            clf.eval()
+            with torch.no_grad():
+                va = (clf(emb[val]).argmax(1) == y[val]).float().mean().item()
+                if va > best_val:
+                    best_val, since = va, 0
+                    test_at_best = (clf(emb[test]).argmax(1) == y[test]).float().mean().item()
+                else:
+                    since += 1
+            if since > patience:
+                break
     return {"val_acc": best_val, "test_acc": test_at_best}
 
 

@@ -119,6 +119,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from threefold.pipelines.registry import get_pipeline
 
     pipe = get_pipeline(args.pipeline)
+    if args.data is not None and not args.data.exists():
+        raise MissingFileError(f"--data {args.data} does not exist")
     inherited = os.environ.get(ENV_RUN_DIR)
     if inherited:  # a DDP child process: same folder and mode as its parent
         run_dir, resume = Path(inherited), os.environ.get(ENV_RESUME) == "1"
@@ -134,13 +136,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
         run_dir, resume = new_run_dir(args.runs_dir, pipe.name).resolve(), False
         dump_config(cfg, run_dir / "config.yaml")
-    os.environ[ENV_RUN_DIR], os.environ[ENV_RESUME] = str(run_dir), "1" if resume else "0"
     if args.data is None and not inherited and (run_dir / "data_path.txt").is_file():
         args.data = Path((run_dir / "data_path.txt").read_text().strip())
     elif args.data is not None and not inherited:
         (run_dir / "data_path.txt").write_text(str(args.data.resolve()))
     ctx = _context(pipe.name, args, cfg.trainer, run_dir, resume)
-    metrics = pipe.run(cfg, ctx)
+    saved = {k: os.environ.get(k) for k in (ENV_RUN_DIR, ENV_RESUME)}
+    os.environ[ENV_RUN_DIR], os.environ[ENV_RESUME] = str(run_dir), "1" if resume else "0"
+    try:
+        metrics = pipe.run(cfg, ctx)
+    finally:  # in-process callers (tests, notebooks) must not look like DDP children afterwards
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if not inherited:
         write_metrics(run_dir / "metrics.json", metrics)
         _print_summary(metrics)
@@ -225,10 +235,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_lightning() -> None:
+    """Lightning's INFO lines (device summary, logger tips, 100%-of-batches notes) drown the run's own
+    output; warnings and errors still show, and ``--debug`` restores everything."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    if not debug:
+        _quiet_lightning()
     parser = build_parser()
     try:
         # Overrides (key=value) may stand anywhere after the pipeline name, also after options, which

@@ -138,6 +138,9 @@ def _sdf_record(Chem: Any, block: str, sanitize: bool) -> dict[str, Any]:
 def read_sdf(path: str | os.PathLike, sanitize: bool = True, skip_invalid: bool = False) -> list[dict[str, Any]]:
     """Read every record of an MDL SD file (V2000 or V3000) with RDKit, keeping explicit hydrogens.
 
+    Format: Dalby et al., "Description of several chemical structure file formats used by computer
+    programs developed at Molecular Design Limited", J. Chem. Inf. Comput. Sci. 32, 1992 (CTfile).
+
     Records are cut at ``$$$$`` lines here, not by RDKit's supplier, so that a malformed record cannot
     swallow the next one and every record keeps its true index. ``sanitize`` runs RDKit's sanitization
     (valence, aromaticity) and counts a failure as an unreadable record. Data items ``> <key>`` become

@@ -116,6 +116,9 @@ def read_nifti(path: str | os.PathLike, canonical: bool = False, dtype: torch.dt
                max_bytes: int = 8 << 30) -> dict[str, torch.Tensor]:
     """Read a NIfTI-1/2 volume (``.nii`` or ``.nii.gz``) as ``image`` (C, D, H, W), ``affine``, ``spacing``.
 
+    Format: NIfTI-1 (Cox et al., "A (sort of) new image data format standard: NIfTI-1", 2004) and NIfTI-2;
+    ``affine`` is the sform when set, else the qform, as nibabel resolves them.
+
     The data scaling (``scl_slope``/``scl_inter``) is applied. A 3-D file gives C = 1; a 4-D file's last
     axis becomes the channel axis. ``canonical=True`` reorients to the closest RAS+ axis order
     (``nibabel.as_closest_canonical``), flipping/permuting axes and updating ``affine`` to match.

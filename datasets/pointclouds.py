@@ -265,8 +265,9 @@ def read_ply(path: str | os.PathLike, label_field: str | None = None) -> dict[st
 
     ``coord`` is (x, y, z); ``feat`` holds the vertex's other scalar properties in file order (e.g.
     intensity, red, green, blue, nx, ny, nz) as float32. With ``label_field`` that property becomes
-    ``label_raw`` (N,) int64 instead of a feature. Elements after ``vertex`` (faces) are not point data
-    and are not read; elements before it must have fixed-size records in binary files.
+    ``label_raw`` (N,) int64 instead of a feature. Other elements (faces, edges) are not returned, but
+    they are accounted for: the data must hold exactly the declared number of every element, so a
+    wrong vertex count cannot pass by borrowing face bytes or lines.
     """
     p = _check_file(path, (".ply",), "point-cloud")
     lines, offset = _read_header(p, lambda s: s == "end_header", "PLY")

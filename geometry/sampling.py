@@ -14,7 +14,7 @@ evaluated in the input's dtype with the squared distance summed as ``((dx^2 + dy
 to the lowest index (NumPy's ``argmax``). Determinism follows: there is no random choice; the start point
 is an argument.
 
-Two evaluation strategies give identical indices:
+Three evaluation strategies give identical indices:
 
 * dense: every iteration updates all ``N`` distances, with in-place ops into preallocated buffers;
   cheapest for small clouds and large batches.
@@ -23,6 +23,7 @@ Two evaluation strategies give identical indices:
   pruning as the bucket-based FPS of Han et al., "QuickFPS", IEEE TCAD 2023). The pruning bound has a
   relative safety margin far above floating-point rounding, so a skipped leaf provably keeps its
   distances, and the result stays exact.
+* Triton (CUDA, float32, 3-D): one kernel launch for the whole run, see :mod:`threefold.geometry.fps_triton`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from threefold.datasets.errors import ConfigError, DataFormatError
 
 #: Clouds of at least this many points (per batch item) use the bucketed strategy.
 BUCKETED_MIN_POINTS = 32768
+#: Use the Triton kernel (geometry/fps_triton.py) for float32 3-D clouds on CUDA when Triton is installed.
+USE_TRITON = True
 #: Points per kd-tree leaf in the bucketed strategy.
 LEAF_SIZE = 64
 # A leaf is skipped only if its box distance exceeds (1 + margin) times its largest dmin: rounding in
@@ -129,12 +132,26 @@ def _fps_padded(pts: Tensor, valid: Tensor | None, num_samples: int, start: Tens
         raise DataFormatError(f"farthest point sampling: points dtype {pts.dtype}, expected a floating dtype")
     with torch.no_grad():
         pts = pts.detach()
+        if USE_TRITON and pts.is_cuda and pts.dtype == torch.float32 and pts.shape[2] == 3 and pts.shape[1] < 2**31 - 1:
+            idx = _fps_triton(pts, valid, num_samples, start)
+            if idx is not None:
+                return idx
         dmin = torch.full(pts.shape[:2], float("inf"), dtype=pts.dtype, device=pts.device)
         if valid is not None:
             dmin.masked_fill_(~valid, float("-inf"))
-        if pts.shape[1] >= BUCKETED_MIN_POINTS and num_samples > 1:
+        # The bucketed strategy synchronises with the host every iteration: CPU only.
+        if pts.shape[1] >= BUCKETED_MIN_POINTS and num_samples > 1 and pts.device.type == "cpu":
             return _fps_bucketed(pts, dmin, num_samples, start)
         return _fps_dense(pts, dmin, num_samples, start)
+
+
+def _fps_triton(pts: Tensor, valid: Tensor | None, num_samples: int, start: Tensor) -> Tensor | None:
+    try:
+        from threefold.geometry.fps_triton import fps_triton
+    except ImportError:
+        return None
+    counts = valid.sum(1) if valid is not None else torch.full((pts.shape[0],), pts.shape[1], device=pts.device)
+    return fps_triton(pts, counts, num_samples, start)
 
 
 def _fps_dense(pts: Tensor, dmin: Tensor, num_samples: int, start: Tensor) -> Tensor:

@@ -134,3 +134,18 @@ def test_neighbors_reject_bad_input() -> None:
         ball_query(x, x, 0.0, 4)
     with pytest.raises(DataFormatError, match="int64"):
         index_points(x, torch.zeros(2, 3, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_knn_and_ball_query_cuda_match_cpu() -> None:
+    g = torch.Generator().manual_seed(6)
+    pts = torch.rand(2, 30_000, 3, dtype=torch.float64, generator=g)
+    q = pts[:, :2000]
+    idx_cpu = knn_indices(q, pts, 16)
+    idx_gpu = knn_indices(q.cuda(), pts.cuda(), 16)
+    assert idx_gpu.device.type == "cuda"
+    np.testing.assert_array_equal(idx_gpu.cpu().numpy(), idx_cpu.numpy())
+    ball_cpu = ball_query(q, pts, 0.03, 32)
+    ball_gpu = ball_query(q.cuda(), pts.cuda(), 0.03, 32)
+    for a, b in zip(ball_gpu, ball_cpu):
+        np.testing.assert_array_equal(a.cpu().numpy(), b.numpy())

@@ -96,9 +96,29 @@ def test_fps_rejects_bad_input() -> None:
 
 
 @pytest.mark.gpu
-def test_fps_cuda_matches_cpu() -> None:
-    pts = torch.rand(2, 20_000, 3, generator=torch.Generator().manual_seed(5))
-    want = farthest_point_sampling(pts, 512, start=torch.tensor([0, 7]))
-    got = farthest_point_sampling(pts.cuda(), 512, start=torch.tensor([0, 7]).cuda())
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_fps_cuda_matches_numpy(use_triton: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large single cloud (many programs per cloud in the Triton kernel), batch, and ragged input."""
+    monkeypatch.setattr(sampling, "USE_TRITON", use_triton)
+    rng = np.random.default_rng(5)
+    big = rng.random((60_000, 3)).astype(np.float32)
+    got = farthest_point_sampling(torch.from_numpy(big).cuda(), 600, start=11)
     assert got.device.type == "cuda"
-    np.testing.assert_array_equal(got.cpu().numpy(), want.numpy())
+    np.testing.assert_array_equal(got.cpu().numpy(), _fps_numpy(big, 600, 11))
+
+    batch = (rng.normal(size=(5, 9000, 3)) * [1.0, 2.0, 0.5]).astype(np.float32)
+    starts = np.array([0, 1, 2, 3, 8999])
+    got = farthest_point_sampling(torch.from_numpy(batch).cuda(), 300, start=torch.from_numpy(starts).cuda())
+    for b in range(5):
+        np.testing.assert_array_equal(got[b].cpu().numpy(), _fps_numpy(batch[b], 300, int(starts[b])))
+
+    counts, samples = [7000, 30, 12_000], [200, 30, 250]
+    clouds = [rng.random((c, 3)).astype(np.float32) for c in counts]
+    got = farthest_point_sampling_ragged(
+        torch.from_numpy(np.concatenate(clouds)).cuda(),
+        torch.tensor(np.cumsum(counts)).cuda(),
+        torch.tensor(np.cumsum(samples)).cuda(),
+    )
+    begin = np.cumsum([0] + counts[:-1])
+    want = np.concatenate([_fps_numpy(c, s, 0) + o for c, s, o in zip(clouds, samples, begin)])
+    np.testing.assert_array_equal(got.cpu().numpy(), want)

@@ -192,7 +192,7 @@ def plot_training_curves(
         ax.set_title(family)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", ncols=2 if len(families[family]) > 6 else 1)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     caption = caption or (
@@ -242,7 +242,8 @@ def plot_per_class(
             err = np.array([errors[family].get(c, math.nan) for c in classes], dtype=np.float64)
         bars = ax.bar(np.arange(len(classes)), np.nan_to_num(v), yerr=err, color="tab:blue", capsize=3)
         ax.bar_label(bars, labels=["n/a" if np.isnan(x) else f"{x:.3f}" for x in v], fontsize="x-small")
-        ax.set_xticks(np.arange(len(classes)), classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
+        slanted = sum(map(len, classes)) > 30  # long or many names would overlap when level
+        ax.set_xticks(np.arange(len(classes)), classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
         finite = v[np.isfinite(v)]
         if finite.size and finite.min() >= 0 and finite.max() <= 1:
             ax.set_ylim(0, 1.05)
@@ -293,7 +294,8 @@ def plot_confusion_matrix(
     vmax = 1.0 if normalize == "true" else max(float(np.nanmax(rates)), 1.0)
     image = ax.imshow(np.ma.masked_invalid(rates), cmap="Blues", vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_xticks(np.arange(c), names, rotation=45 if c > 6 else 0, ha="right" if c > 6 else "center")
+    slanted = sum(map(len, names)) > 30  # long or many names would overlap when level
+    ax.set_xticks(np.arange(c), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
     ax.set_yticks(np.arange(c), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
@@ -355,17 +357,23 @@ def plot_embedding(
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) < num_classes:
         raise ConfigError(f"plot_embedding: {len(names)} class names for labels up to {num_classes - 1}")
+    lines = require("matplotlib.lines", extra="viz")
     colours = _class_colours(num_classes)
     fig = _figure(EMBEDDING_INCHES)
     ax = fig.subplots()
-    for c in range(num_classes):
-        sel = y == c
-        if sel.any():
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=22, color=colours[c], label=names[c], edgecolors="none")
+    # One call in a seeded random order: drawn class by class, the last class would hide the others.
+    order = np.random.default_rng(seed).permutation(len(y))
+    size = float(np.clip(600.0 / np.sqrt(len(y)), 4.0, 30.0))  # smaller markers for more points
+    ax.scatter(xy[order, 0], xy[order, 1], s=size, c=colours[y[order]], edgecolors="none")
+    handles = [
+        lines.Line2D([], [], marker="o", linestyle="", color=colours[c], label=names[c])
+        for c in range(num_classes)
+        if (y == c).any()
+    ]
     axis = "PC" if method == "pca" else "t-SNE "
     ax.set_xlabel(f"{axis}1")
     ax.set_ylabel(f"{axis}2")
-    ax.legend(fontsize="x-small", markerscale=1.2, loc="best")
+    ax.legend(handles=handles, fontsize="x-small", loc="best")
     caption = caption or f"{'PCA' if method == 'pca' else 't-SNE'} of the embedding ({xy.shape[0]} points), coloured by class."
     return save_figure(fig, out, caption)
 

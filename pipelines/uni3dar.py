@@ -263,7 +263,8 @@ def _targets(batch: SequenceBatch) -> dict[str, torch.Tensor]:
 def heldout_cross_entropy(
     model: Uni3DAR, loader, unigram: dict[str, torch.Tensor], device: torch.device
 ) -> dict[str, dict[str, float]]:
-    """Per token type: model CE and unigram CE on the held-out tokens (nats per token), and their ratio."""
+    """Per token type (and ``all`` tokens pooled): model CE and unigram CE on the held-out tokens
+    (nats per token), and their ratio."""
     model.eval()
     sums = {k: [0.0, 0.0, 0] for k in TOKEN_TYPES}
     for batch in loader:
@@ -282,6 +283,7 @@ def heldout_cross_entropy(
             sums[k][0] += float(ce)
             sums[k][1] += float(uni)
             sums[k][2] += int(tgt[k].numel())
+    sums["all"] = [sum(v[i] for v in sums.values()) for i in range(3)]  # every predicted token alike
     out = {}
     for k, (ce, uni, n) in sums.items():
         out[k] = {"model_nats": ce / max(n, 1), "unigram_nats": uni / max(n, 1), "tokens": n}

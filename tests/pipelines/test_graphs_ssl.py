@@ -77,14 +77,14 @@ def test_tu_isocvgae_real_mutag(tmp_path, test_data, threefold):
 
 def test_planetoid_selftask_real_cora(tmp_path, test_data, threefold):
     out = threefold("run", "--data", str(test_data / "planetoid"), "planetoid-selftask", "dataset=cora",
-                    "task=contextlabel", "num_seeds=2", "trainer.max_epochs=30", cwd=tmp_path)
+                    "task=contextlabel", "num_seeds=2", "trainer.max_epochs=15", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     m, _ = _metrics(tmp_path / "runs", "planetoid-selftask")
     assert m["lambda"] == 10 and m["task"] == "contextlabel"
     table = m["tables"]["node/test_acc[public]"]
     _check_table(table, {"contextlabel[ica]", "gcn"})
-    # 30 epochs of a GCN on Cora: well above the 30 % majority class (loose: not a result claim)
-    assert table["gcn"]["mean"] > 0.7 and table["contextlabel[ica]"]["mean"] > 0.7
+    # 15 epochs of a GCN on Cora: well above the 30 % majority class (loose: not a result claim)
+    assert table["gcn"]["mean"] > 0.6 and table["contextlabel[ica]"]["mean"] > 0.6
 
 
 @pytest.mark.parametrize("extra", [["task=edgemask", "two_stage=true", "pretrain_epochs=3"], ["task=correctedlabel", "method=lp"]])

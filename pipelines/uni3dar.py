@@ -40,7 +40,7 @@ from threefold.datasets.splits import seed_everything
 from threefold.pipelines.config import RunConfig, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint, write_metrics
 from threefold.pipelines.registry import Pipeline, register_pipeline
-from threefold.science.octree import PRESETS, OctreeSpec, OctreeTokenizer, random_rigid_motion
+from threefold.science.octree import PRESETS, OctreeSpec, OctreeTokenizer, detokenize, random_rigid_motion
 from threefold.science.uni3dar import Uni3DAR, Uni3DARConfig, build_sequences, drop_level1_nodes
 from threefold.science.uni3dar.sampling import filter_best_fraction, generate
 from threefold.science.uni3dar.sequence import KIND_ATOM, KIND_TREE, SequenceBatch
@@ -538,56 +538,101 @@ class GeomDrugsUni3DAR(_Uni3DARPipelineBase):
 # --- tokenize CLI verb ----------------------------------------------------------------------------------------
 
 
-def _smallest_spec(positions: list[np.ndarray]) -> OctreeSpec:
+def _smallest_spec(positions: list[np.ndarray], cell: float = 0.24) -> OctreeSpec:
     extent = max(float(np.ptp(p, axis=0).max()) for p in positions)
     for depth in range(6, 11):
-        spec = OctreeSpec(0.24, 0.01, depth)
+        spec = OctreeSpec(cell, 0.01, depth)
         if extent < spec.box - 2 * spec.cell:
             return spec
     raise DataFormatError(f"structure extent {extent:.1f} Å exceeds the largest octree box (depth 10)")
 
 
+def _spec_of(data: dict, source: Path) -> OctreeSpec:
+    try:
+        return OctreeSpec(data["spec"]["cell"], data["spec"]["resolution"], data["spec"]["depth"])
+    except (KeyError, TypeError) as exc:
+        raise DataFormatError(f"{source}: no valid 'spec' (cell, resolution, depth) in the tokens file") from exc
+
+
+def _decode(input: Path, out: Path) -> Path:
+    data = json.loads(input.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if data.get("format") == "threefold-uni3dar-crystal-tokens/1":
+        from threefold.datasets.crystals import write_cif
+        from threefold.science.octree import CrystalTokens
+
+        tok = OctreeTokenizer(_spec_of(data["lattice"], input))
+        crystal = CrystalTokens(tok.from_json(data["lattice"], str(input)), tok.from_json(data["atoms"], str(input)))
+        numbers, positions, lattice = tok.detokenize_crystal(crystal)
+        return write_cif({"numbers": numbers, "positions": positions, "lattice": lattice}, out)
+    tok = OctreeTokenizer(_spec_of(data, input))
+    tokens = tok.from_json(data, str(input))
+    types, positions, _ = detokenize(tokens)
+    names = [tok.vocab.tokens[t] for t in types.tolist()]
+    protein = all("_" in n for n in names)
+    lines = []
+    for b in range(len(tokens)):
+        a0, a1 = tokens.atom_ptr[b], tokens.atom_ptr[b + 1]
+        back = a0 + np.argsort(tokens.atom_index[a0:a1])  # input atom order
+        if protein:  # wwPDB ATOM records of the Cα trace, one MODEL per structure
+            lines.append(f"MODEL     {b + 1:4d}")
+            for k, i in enumerate(back.tolist()):
+                res = names[i].split("_")[0]
+                x, y, z = positions[i]
+                lines.append(f"ATOM  {k + 1:5d}  CA  {res:3s} A{k + 1:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00           C")
+            lines.append("ENDMDL")
+        else:
+            lines += [str(a1 - a0), f"decoded from {input.name} structure {b}"]
+            lines += [f"{names[i]} {x:.4f} {y:.4f} {w:.4f}" for i, (x, y, w) in zip(back.tolist(), positions[back].tolist())]
+    out.write_text("\n".join(lines + (["END"] if protein else [])) + "\n")
+    return out
+
+
 def tokenize_command(input: Path, out: Path, decode: bool = False) -> Path:
-    """``threefold tokenize``: a structure file (SDF / MOL / XYZ) -> tokens JSON, or with ``decode``
-    a tokens JSON -> XYZ file of the decoded structures (positions within 0.005 Å per axis)."""
+    """``threefold tokenize --input FILE --out tokens.json [--decode]``.
+
+    Molecules (.sdf / .mol / .xyz; 0.24 Å cells, the smallest depth 6..10 whose box holds them),
+    crystals (.cif with a cell; MP-20 preset, lattice and atom trees) and protein Cα traces (.pdb,
+    or an mmCIF .cif with ``_atom_site`` coordinates; 0.48 Å cells) -> a tokens JSON. With
+    ``decode``: a tokens JSON -> XYZ (molecules), CIF (crystals) or PDB (Cα traces), atoms in the
+    input order, positions within 0.005 Å per axis of the tokenized input.
+    """
     input, out = Path(input), Path(out)
     if not input.is_file():
         raise MissingFileError(f"--input {input}: no such file")
     if decode:
-        data = json.loads(input.read_text())
-        try:
-            spec = OctreeSpec(data["spec"]["cell"], data["spec"]["resolution"], data["spec"]["depth"])
-        except (KeyError, TypeError) as exc:
-            raise DataFormatError(f"{input}: no valid 'spec' (cell, resolution, depth) in the tokens file") from exc
-        tok = OctreeTokenizer(spec)
-        tokens = tok.from_json(data, str(input))
-        numbers, positions = tok.detokenize(tokens)
-        lines = []
-        for b in range(len(tokens)):
-            a0, a1 = tokens.atom_ptr[b], tokens.atom_ptr[b + 1]
-            back = a0 + np.argsort(tokens.atom_index[a0:a1])  # input atom order
-            lines += [str(a1 - a0), f"decoded from {input.name} structure {b}"]
-            lines += [f"{tok.vocab.tokens[tok.vocab.element_offset + z - 1]} {x:.4f} {y:.4f} {w:.4f}"
-                      for z, (x, y, w) in zip(numbers[back].tolist(), positions[back].tolist())]  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
-        return out
+        return _decode(input, out)
     suffix = input.suffix.lower()
-    if suffix in (".sdf", ".mol"):
-        from threefold.datasets.molecules import read_sdf
+    text_head = input.read_text(errors="replace")[:200000] if suffix == ".cif" else ""
+    if suffix == ".pdb" or (suffix == ".cif" and "_atom_site.Cartn_x" in text_head):
+        from threefold.datasets.proteins import read_mmcif_ca, read_pdb_ca
 
-        mols = read_sdf(input, sanitize=False)
-    elif suffix == ".xyz":
-        from threefold.datasets.molecules import read_xyz
+        trace = read_pdb_ca(input) if suffix == ".pdb" else read_mmcif_ca(input)
+        tok = OctreeTokenizer(_smallest_spec([trace["positions"].astype(np.float64)], cell=0.48))
+        payload = tok.to_json(tok.tokenize_protein(trace["residues"], trace["positions"]))
+    elif suffix == ".cif":
+        from threefold.datasets.crystals import read_cif
 
-        mols = read_xyz(input)
+        crystal = read_cif(input)
+        tok = OctreeTokenizer("mp20")
+        ct = tok.tokenize_crystal(crystal["numbers"], crystal["positions"], crystal["lattice"])
+        payload = {"format": "threefold-uni3dar-crystal-tokens/1", "lattice": tok.to_json(ct.lattice),
+                   "atoms": tok.to_json(ct.atoms)}  # fmt: skip
+    elif suffix in (".sdf", ".mol", ".xyz"):
+        if suffix == ".xyz":
+            mols = [{"numbers": z, "positions": p} for z, p in read_xyz_frames(input)]
+        else:
+            from threefold.datasets.molecules import read_sdf
+
+            mols = read_sdf(input, sanitize=False)
+        positions = [np.asarray(m["positions"], np.float64) for m in mols]
+        tok = OctreeTokenizer(_smallest_spec(positions))
+        numbers = np.concatenate([np.asarray(m["numbers"], np.int64) for m in mols])
+        tokens = tok.tokenize_batch(numbers, np.concatenate(positions), np.array([len(p) for p in positions]),
+                                    names=[f"{input.name} record {i}" for i in range(len(mols))])  # fmt: skip
+        payload = tok.to_json(tokens)
     else:
-        raise DataFormatError(f"--input {input}: expected .sdf, .mol or .xyz (or a tokens .json with --decode)")
-    positions = [np.asarray(m["positions"], np.float64) for m in mols]
-    tok = OctreeTokenizer(_smallest_spec(positions))
-    numbers = np.concatenate([np.asarray(m["numbers"], np.int64) for m in mols])
-    tokens = tok.tokenize_batch(numbers, np.concatenate(positions), np.array([len(p) for p in positions]),
-                                names=[f"{input.name} record {i}" for i in range(len(mols))])  # fmt: skip
+        raise DataFormatError(f"--input {input}: expected .sdf, .mol, .xyz, .cif or .pdb (or tokens .json with --decode)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(tok.to_json(tokens)))
+    out.write_text(json.dumps(payload))
     return out

@@ -95,3 +95,31 @@ def test_qm9_uni3dar_runs_end_to_end(tmp_path):
     out = sampler.predict(num=3, seed=0, max_items=120)
     for numbers, positions in out:
         assert positions.shape == (len(numbers), 3)
+
+
+def test_tokenize_verb_crystal_and_protein(tmp_path):
+    pytest.importorskip("ase")
+    import ase.io
+    from ase.build import bulk
+
+    cif = tmp_path / "si.cif"
+    ase.io.write(cif, bulk("Si", "diamond", a=5.43, cubic=True))
+    src = ase.io.read(cif)
+    back = ase.io.read(tokenize_command(tokenize_command(cif, tmp_path / "t.json"), tmp_path / "si_out.cif", decode=True))
+    np.testing.assert_allclose(back.cell.array, src.cell.array, atol=0.01 + 1e-6)
+    frac_a = np.sort(np.round(src.get_scaled_positions() % 1.0, 3), 0)
+    frac_b = np.sort(np.round(back.get_scaled_positions() % 1.0, 3), 0)
+    np.testing.assert_allclose(frac_a, frac_b, atol=0.003)
+    assert sorted(back.numbers.tolist()) == sorted(src.numbers.tolist())
+
+    from threefold.datasets.proteins import ideal_alpha_helix_ca, read_pdb_ca
+
+    ca = ideal_alpha_helix_ca(30) + 3.0
+    pdb = tmp_path / "helix.pdb"
+    pdb.write_text("\n".join(
+        f"ATOM  {i + 1:5d}  CA  {'GLY' if i % 2 else 'ALA'} A{i + 1:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00           C"
+        for i, (x, y, z) in enumerate(ca)) + "\nEND\n")  # fmt: skip
+    decoded = tokenize_command(tokenize_command(pdb, tmp_path / "p.json"), tmp_path / "helix_out.pdb", decode=True)
+    trace = read_pdb_ca(decoded)
+    assert trace["residues"] == ["ALA", "GLY"] * 15
+    np.testing.assert_allclose(trace["positions"], ca, atol=0.005 + 1e-3)  # PDB keeps 3 decimals

@@ -7,7 +7,9 @@ accumulation, progress bars, CSV logging, DDP); this module only fixes how three
   ``logs/metrics.csv`` and ``metrics.json``; an existing run folder is never overwritten;
 - checkpoints are written atomically (temp file, fsync, rename) and read with
   ``torch.load(weights_only=True)``, so a half-written or code-carrying checkpoint is never loaded;
-- ``--resume RUN_DIR`` reopens the folder and continues each fit from its ``last.ckpt``.
+- ``--resume RUN_DIR`` reopens the folder and continues each fit from its ``last.ckpt``; every
+  trainer carries :class:`~threefold.pipelines.loaders.ResumeStateCallback`, so the RNG states and
+  the mid-epoch position of a :class:`~threefold.pipelines.loaders.ResumableDataLoader` come back too.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class RunContext:
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger
 
+        from threefold.pipelines.loaders import ResumeStateCallback
+
         t = self.trainer_cfg
         callbacks = [
             ModelCheckpoint(
@@ -130,6 +134,7 @@ class RunContext:
                 every_n_train_steps=t.checkpoint_every_n_steps or None,
                 save_on_train_epoch_end=True,
             ),
+            ResumeStateCallback(),
             *self.extra_callbacks,
         ]
         loggers = [CSVLogger(save_dir=str(self.run_dir), name="logs", version="")]

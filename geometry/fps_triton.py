@@ -15,6 +15,8 @@ identical, not merely close. Imported only when CUDA and Triton are present.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -32,11 +34,13 @@ def _fps_kernel(
     out_ptr,  # (B, S) int64
     key_ptr,  # (B, S) int64, zeroed: packed running maximum of iteration i
     arrive_ptr,  # (B, S) int32, zeroed: programs done with iteration i
+    stuck_ptr,  # (1,) int32, zeroed: set when a barrier wait gives up
     n,
     s,
     nprog,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -50,13 +54,16 @@ def _fps_kernel(
     cur = tl.load(start_ptr + b)
     if pid == 0:
         tl.store(out_ptr + b * s, cur)
+    zero = pid * 0  # an int32 scalar: loop-carried flags must not be Python constants
+    stuck = zero
     for i in range(1, s):
         dx = x - tl.load(base + cur)
         dy = y - tl.load(base + n + cur)
         dz = z - tl.load(base + 2 * n + cur)
         dmin = tl.minimum(dmin, dx * dx + dy * dy + dz * dz)
-        best = tl.max(dmin, 0)
-        first = tl.min(tl.where(dmin == best, offs, 2147483647), 0)
+        # One reduction for the maximum and its first (lowest-index) position.
+        best, at = tl.max(dmin, 0, return_indices=True, return_indices_tie_break_left=True)
+        first = pid * BLOCK + at
         if SINGLE:
             cur = first.to(tl.int64)
         else:
@@ -65,8 +72,14 @@ def _fps_kernel(
             slot = b * s + i
             tl.atomic_max(key_ptr + slot, key, sem="relaxed", scope="gpu")
             tl.atomic_add(arrive_ptr + slot, 1, sem="release", scope="gpu")
-            while tl.atomic_add(arrive_ptr + slot, 0, sem="acquire", scope="gpu") < nprog:
-                pass
+            # A bounded wait: if the programs were ever not co-resident the kernel reports it and
+            # stops waiting instead of hanging the GPU.
+            spins = zero
+            while (tl.atomic_add(arrive_ptr + slot, 0, sem="acquire", scope="gpu") < nprog) & (stuck == 0):
+                spins += 1
+                if spins > SPIN_LIMIT:
+                    stuck = 1
+                    tl.atomic_xchg(stuck_ptr, 1)
             won = tl.atomic_max(key_ptr + slot, 0, sem="acquire", scope="gpu")
             cur = 2147483647 - (won & 2147483647)
         if pid == 0:
@@ -77,7 +90,7 @@ def fps_triton(pts: Tensor, counts: Tensor, num_samples: int, start: Tensor) -> 
     """Exact FPS of ``pts (B, N, 3)`` float32 on CUDA; ``counts (B,)`` real points per cloud.
 
     Returns ``(B, S)`` int64, or None when the clouds are too large for the register-resident layout
-    (the caller then uses the torch loop).
+    or a barrier wait gave up (the caller then uses the torch loop; the latter also warns).
     """
     b, n, _ = pts.shape
     # On CPU tensors (TRITON_INTERPRET=1 only) one program per cloud: the interpreter runs programs
@@ -89,18 +102,22 @@ def fps_triton(pts: Tensor, counts: Tensor, num_samples: int, start: Tensor) -> 
         return None
     nprog = -(-n // block)
     # Clouds per launch such that all programs of a launch are resident at once (barrier safety).
-    chunk = max(1, sms // nprog)
+    chunk = b if nprog == 1 else max(1, sms // nprog)
     xyz = pts.transpose(1, 2).contiguous()
     counts = counts.to(torch.int32).contiguous()
     start = start.contiguous()
     out = torch.empty(b, num_samples, dtype=torch.long, device=pts.device)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    stuck = torch.zeros(1, dtype=torch.int32, device=pts.device)
     for c in range(0, b, chunk):
         e = min(b, c + chunk)
         key = torch.zeros(e - c, num_samples, dtype=torch.long, device=pts.device)
         arrive = torch.zeros(e - c, num_samples, dtype=torch.int32, device=pts.device)
         _fps_kernel[(nprog, e - c)](
-            xyz[c:e], counts[c:e], start[c:e], out[c:e], key, arrive, n, num_samples, nprog,
-            BLOCK=block, SINGLE=nprog == 1, num_warps=warps, enable_fp_fusion=False,
+            xyz[c:e], counts[c:e], start[c:e], out[c:e], key, arrive, stuck, n, num_samples, nprog,
+            BLOCK=block, SINGLE=nprog == 1, SPIN_LIMIT=50_000_000, num_warps=warps, enable_fp_fusion=False,
         )
+    if int(stuck.item()):
+        warnings.warn("fps_triton: a grid barrier timed out (programs not co-resident); using the torch loop", RuntimeWarning, stacklevel=3)
+        return None
     return out

@@ -3,6 +3,7 @@
     python benchmarks/pointops.py                  # CPU, and CUDA when available
     python benchmarks/pointops.py --device cuda    # one device only
     python benchmarks/pointops.py --quick          # small sizes only (smoke run)
+    python benchmarks/pointops.py --threads 1      # pin torch's CPU threads (shared machines)
 
 Workloads (issue #4 §1): exact farthest point sampling (FPS) 1k -> 256, 8,192 -> 1,024 and
 100k -> 4,096; kNN with k = 16 on 1k, 10k and 120k uniform random points (self query).
@@ -138,7 +139,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
         devices = [d for d in devices if d != "cuda"]

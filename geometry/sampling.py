@@ -130,6 +130,8 @@ def _fps_padded(pts: Tensor, valid: Tensor | None, num_samples: int, start: Tens
     """Dispatch ``(B, N, D)`` clouds (``valid (B, N)`` marks real points) to a strategy."""
     if not pts.is_floating_point():
         raise DataFormatError(f"farthest point sampling: points dtype {pts.dtype}, expected a floating dtype")
+    if not bool(torch.isfinite(pts).all()):
+        raise DataFormatError("farthest point sampling: points contain NaN or inf; expected finite coordinates")
     with torch.no_grad():
         pts = pts.detach()
         if USE_TRITON and pts.is_cuda and pts.dtype == torch.float32 and pts.shape[2] == 3 and pts.shape[1] < 2**31 - 1:

@@ -130,6 +130,8 @@ def test_neighbors_reject_bad_input() -> None:
         knn(x, torch.zeros(3, 10, 3), 1)
     with pytest.raises(DataFormatError, match="same floating dtype"):
         knn(x, x.double(), 1)
+    with pytest.raises(DataFormatError, match="NaN"):
+        knn(x, torch.full((2, 10, 3), float("nan")), 1)
     with pytest.raises(ConfigError, match="radius"):
         ball_query(x, x, 0.0, 4)
     with pytest.raises(DataFormatError, match="int64"):

@@ -89,6 +89,8 @@ def test_fps_rejects_bad_input() -> None:
         farthest_point_sampling(pts, 3, start=10)
     with pytest.raises(DataFormatError, match="floating"):
         farthest_point_sampling(torch.zeros(10, 3, dtype=torch.long), 3)
+    with pytest.raises(DataFormatError, match="NaN"):
+        farthest_point_sampling(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]), 2)
     with pytest.raises(DataFormatError, match="offset"):
         farthest_point_sampling_ragged(pts[0], torch.tensor([4, 9]), torch.tensor([2, 4]))
     with pytest.raises(ConfigError, match="at most its point count"):

@@ -7,6 +7,17 @@ involved. Matplotlib comes from the ``viz`` extra and is imported inside each fu
 the functions raise :class:`~threefold.datasets.errors.MissingExtraError` and ``threefold run``
 reports the figures as skipped.
 
+A pipeline adds its field's pictures by overriding ``Pipeline.figures`` (see
+``PlanetoidGCN.figures``)::
+
+    def figures(self, cfg, run_dir, metrics):
+        paths = super().figures(cfg, run_dir, metrics)         # curves + per-class bars
+        out = figures_dir(run_dir)
+        fig = new_figure((9.0, 3.0))                            # headless, DPI fixed
+        ...draw on fig.subplots(1, 3)...
+        paths.append(save_figure(fig, out / "slices_case0.png", "FLAIR with WT/TC/ET contours, case 0"))
+        return paths
+
 Every PNG carries its caption in the standard PNG text chunk ``Description`` (:func:`save_figure`,
 read back by :func:`png_caption`), so the report needs no side file and a figure copied elsewhere
 keeps its caption. Sizes are fixed by the inputs (no tight bounding box): at :data:`DPI` a curve
@@ -48,7 +59,9 @@ def figures_dir(run_dir: Path) -> Path:
     return out
 
 
-def _figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A headless ``matplotlib.figure.Figure`` of ``figsize`` inches at :data:`DPI` (constrained
+    layout); draw on ``fig.subplots()`` and write it with :func:`save_figure`."""
     figure = require("matplotlib.figure", extra="viz")
     return figure.Figure(figsize=figsize, dpi=DPI, layout="constrained")
 
@@ -68,6 +81,23 @@ def save_figure(fig: Any, path: Path, caption: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI, metadata={"Description": caption})
+    return path
+
+
+def save_image(image: Any, path: Path, caption: str) -> Path:
+    """Write a picture drawn outside matplotlib — a ``PIL.Image`` (e.g. RDKit's ``MolsToGridImage``)
+    or an (H, W, 3|4) uint8 array (e.g. an offscreen render) — as PNG with ``caption``."""
+    pil = require("PIL.Image", extra="viz")
+    png = require("PIL.PngImagePlugin", extra="viz")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise DataFormatError(f"{path}: image array {image.shape} {image.dtype}; expected (H, W, 3|4) uint8")
+        image = pil.fromarray(image)
+    info = png.PngInfo()
+    info.add_itxt("Description", caption)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
     return path
 
 
@@ -178,7 +208,7 @@ def plot_training_curves(
     names = sorted(families)
     ncols = min(CURVE_COLUMNS, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = _figure((CURVE_PANEL_INCHES[0] * ncols, CURVE_PANEL_INCHES[1] * nrows))
+    fig = new_figure((CURVE_PANEL_INCHES[0] * ncols, CURVE_PANEL_INCHES[1] * nrows))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     colours = _class_colours(max(len(logs), 1))
     for ax, family in zip(axes, names):
@@ -232,7 +262,7 @@ def plot_per_class(
     if not families:
         raise DataFormatError("plot_per_class: no per-class values to plot")
     widths = [max(4.0, 0.45 * len(values[f]) + 1.5) for f in families]
-    fig = _figure((sum(widths), 3.6))
+    fig = new_figure((sum(widths), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(families), squeeze=False, width_ratios=widths)).ravel()
     for ax, family in zip(axes, families):
         classes = list(values[family])
@@ -289,7 +319,7 @@ def plot_confusion_matrix(
     if len(names) != c:
         raise ConfigError(f"plot_confusion_matrix: {len(names)} class names for a {c}×{c} matrix")
     side = min(12.0, max(4.5, 0.5 * c + 2.5))
-    fig = _figure((side, side))
+    fig = new_figure((side, side))
     ax = fig.subplots()
     vmax = 1.0 if normalize == "true" else max(float(np.nanmax(rates)), 1.0)
     image = ax.imshow(np.ma.masked_invalid(rates), cmap="Blues", vmin=0.0, vmax=vmax)
@@ -359,7 +389,7 @@ def plot_embedding(
         raise ConfigError(f"plot_embedding: {len(names)} class names for labels up to {num_classes - 1}")
     lines = require("matplotlib.lines", extra="viz")
     colours = _class_colours(num_classes)
-    fig = _figure(EMBEDDING_INCHES)
+    fig = new_figure(EMBEDDING_INCHES)
     ax = fig.subplots()
     # One call in a seeded random order: drawn class by class, the last class would hide the others.
     order = np.random.default_rng(seed).permutation(len(y))

@@ -297,3 +297,16 @@ def test_png_caption_reads_text_chunks_written_by_pillow(tmp_path):
     (tmp_path / "fake.png").write_bytes(b"GIF89a")
     with pytest.raises(DataFormatError, match="not a PNG"):
         F.png_caption(tmp_path / "fake.png")
+
+
+def test_save_image_keeps_pixels_and_caption(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(4).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    path = F.save_image(rgb, tmp_path / "render.png", "offscreen render → convexes")
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), rgb)  # PNG is lossless
+    assert F.png_caption(path) == "offscreen render → convexes"
+    path = F.save_image(Image.fromarray(rgb), tmp_path / "grid.png", "molecule grid")
+    assert F.png_caption(path) == "molecule grid"
+    with pytest.raises(DataFormatError, match=r"expected \(H, W, 3\|4\) uint8"):
+        F.save_image(rgb.astype(np.float32), tmp_path / "bad.png", "x")

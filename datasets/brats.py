@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.utils.data
 
-from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, require
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
 from threefold.datasets.registry import register_dataset
 from threefold.datasets.splits import kfold_indices
+from threefold.datasets.volumes import read_nifti, write_nifti
 
 #: Canonical channel order of ``image``.
 MODALITIES: tuple[str, str, str, str] = ("t1", "t1ce", "t2", "flair")
@@ -189,52 +191,56 @@ def _msd_channel_order(case: Case) -> list[int]:
 
 
 def read_case(case: Case) -> dict:
-    """Read one case into a sample dict (see the module docstring).
+    """Read one case into a sample dict (see the module docstring), through
+    :func:`threefold.datasets.volumes.read_nifti` (which rejects truncated files and NaN / inf voxels).
 
     Raises :class:`DataFormatError` when modalities (or the segmentation) disagree in shape or
-    affine (beyond 1e-3 mm), when an image is not 3D (MSD: 4D with 4 channels), holds NaN / inf, or
-    when the segmentation's label set is not the layout's.
+    affine (beyond 1e-3 mm), when an image is not 3D (MSD: 4D with 4 channels), or when the
+    segmentation's label set is not the layout's.
     """
-    nib = require("nibabel", extra="medical")
-    imgs = [nib.load(str(p)) for p in case.images]
+    vols = [read_nifti(p) for p in case.images]
     if case.layout == "msd":
-        img = imgs[0]
-        if img.ndim != 4 or img.shape[3] != 4:
-            raise DataFormatError(f"{case.images[0]}: shape {img.shape}; expected (I, J, K, 4) FLAIR, T1w, T1gd, T2w")
-        data = np.asarray(img.get_fdata(dtype=np.float32)).transpose(3, 0, 1, 2)[_msd_channel_order(case)]
-        ref, ref_path, shape = img, case.images[0], img.shape[:3]
+        vol = vols[0]
+        if vol["image"].shape[0] != 4:
+            raise DataFormatError(
+                f"{case.images[0]}: shape {tuple(vol['image'].shape[1:]) + (vol['image'].shape[0],)}; "
+                "expected (I, J, K, 4) FLAIR, T1w, T1gd, T2w"
+            )
+        data = vol["image"].numpy()[_msd_channel_order(case)]
     else:
-        ref, ref_path, shape = imgs[0], case.images[0], imgs[0].shape
-        for img, path in zip(imgs, case.images):
-            _check_geometry(img, path, ref, ref_path, shape)
-        data = np.stack([np.asarray(img.get_fdata(dtype=np.float32)) for img in imgs])
-    if not np.all(np.isfinite(data)):
-        raise DataFormatError(f"case {case.name}: image holds NaN or inf values")
+        for vol, path in zip(vols, case.images):
+            if vol["image"].shape[0] != 1:
+                raise DataFormatError(f"{path}: 4D image with {vol['image'].shape[0]} volumes; expected one 3D volume")
+            _check_geometry(vol, path, vols[0], case.images[0])
+        data = np.concatenate([vol["image"].numpy() for vol in vols])
+    ref = vols[0]
     sample = {
         "image": np.ascontiguousarray(data, dtype=np.float32),
-        "affine": np.asarray(ref.affine, dtype=np.float64),
-        "spacing": np.asarray(ref.header.get_zooms()[:3], dtype=np.float64),
+        "affine": ref["affine"].numpy(),
+        "spacing": ref["spacing"].numpy(),
         "case": case.name,
         "layout": case.layout,
-        "shape": tuple(int(s) for s in shape),
+        "shape": tuple(int(s) for s in data.shape[1:]),
     }
     if case.seg is not None:
-        seg_img = nib.load(str(case.seg))
-        _check_geometry(seg_img, case.seg, ref, ref_path, shape)
-        label, resection = to_ordinal(np.asarray(seg_img.dataobj), case.layout, str(case.seg))
+        seg = read_nifti(case.seg, dtype=torch.int64)
+        _check_geometry(seg, case.seg, ref, case.images[0])
+        label, resection = to_ordinal(seg["image"][0].numpy(), case.layout, str(case.seg))
         sample["label"] = label
         if resection is not None:
             sample["resection"] = resection
     return sample
 
 
-def _check_geometry(img, path: Path, ref, ref_path: Path, shape: tuple[int, ...]) -> None:
-    if tuple(img.shape) != tuple(shape):
-        raise DataFormatError(f"{path}: shape {tuple(img.shape)} differs from {ref_path.name} shape {tuple(shape)}")
-    if not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
+def _check_geometry(vol: dict, path: Path, ref: dict, ref_path: Path) -> None:
+    shape, ref_shape = tuple(vol["image"].shape[1:]), tuple(ref["image"].shape[1:])
+    if shape != ref_shape:
+        raise DataFormatError(f"{path}: shape {shape} differs from {ref_path.name} shape {ref_shape}")
+    diff = float((vol["affine"] - ref["affine"]).abs().max())
+    if diff > _AFFINE_ATOL_MM:
         raise DataFormatError(
-            f"{path}: affine differs from {ref_path.name} by up to "
-            f"{np.abs(img.affine - ref.affine).max():.4g} mm; expected the same voxel grid for all files of a case"
+            f"{path}: affine differs from {ref_path.name} by up to {diff:.4g} mm; "
+            "expected the same voxel grid for all files of a case"
         )
 
 
@@ -288,25 +294,15 @@ def write_prediction(
 ) -> Path:
     """Write ordinal labels ``y`` (I, J, K) as a uint8 NIfTI in ``layout``'s label values with the
     input's ``affine`` (sform and qform code 1, scanner space), ready for the challenge tools."""
-    nib = require("nibabel", extra="medical")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(from_ordinal(y, layout, resection), np.asarray(affine, np.float64))
-    img.set_data_dtype(np.uint8)
-    img.set_sform(np.asarray(affine, np.float64), code=1)
-    img.set_qform(np.asarray(affine, np.float64), code=1)
-    nib.save(img, str(path))
-    return path
+    return write_nifti(path, from_ordinal(y, layout, resection), np.asarray(affine, np.float64))
 
 
 def write_case_brats2018(folder: str | Path, case: str, image: np.ndarray, y: np.ndarray, affine: np.ndarray) -> Path:
     """Write one case in the BraTS 2018 layout: ``image`` (4, I, J, K) in :data:`MODALITIES` order as
     float32 ``<case>_<modality>.nii.gz``, ordinal ``y`` as ``<case>_seg.nii.gz`` with values 0/1/2/4."""
-    nib = require("nibabel", extra="medical")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     for channel, modality in enumerate(MODALITIES):
-        nib.save(nib.Nifti1Image(image[channel].astype(np.float32), affine), str(folder / f"{case}_{modality}.nii.gz"))
+        write_nifti(folder / f"{case}_{modality}.nii.gz", image[channel].astype(np.float32), affine)
     write_prediction(folder / f"{case}_seg.nii.gz", y, affine, "brats2018")
     return folder
 

@@ -84,7 +84,7 @@ def main() -> None:
     model = Uni3DAR(cfg).to(dev)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {args.layers} x {args.d_model}, {args.heads} heads, {params:.1f} M parameters; "
-          f"batch {args.batch} molecules, mean {seqs[0].tokens.shape[1]} positions (padded)")  # fmt: skip
+          f"batch {args.batch} molecules, padded to {seqs[0].tokens.shape[1]} positions")  # fmt: skip
     fused, mem_fused = train_rate(model, seqs, args.steps, math_only=False)
     math, mem_math = train_rate(model, seqs, args.steps, math_only=True)
     print(f"{'workload':<34}{'implementation':<30}{'rate':>14}{'peak GiB':>10}{'ratio':>8}")

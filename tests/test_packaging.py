@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,12 @@ def source_subpackages() -> list[str]:
 
 @pytest.mark.slow
 def test_wheel_installs_every_subpackage_and_configs(tmp_path):
+    # Build from a copy without build/ leftovers, which setuptools would otherwise reuse.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", ".venv*", "runs", "__pycache__", ".whl", ".gpu*"))
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
         check=True,
     )
     (wheel,) = wheels.glob("threefold-*.whl")

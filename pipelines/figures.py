@@ -121,14 +121,17 @@ def png_caption(path: Path) -> str | None:
         key, _, rest = body.partition(b"\x00")
         if key != b"Description":
             continue
-        if kind == b"tEXt":
-            return rest.decode("latin-1")
-        if kind == b"zTXt":  # compression method byte, then zlib stream
-            return zlib.decompress(rest[1:]).decode("latin-1")
-        compressed, _method = rest[0], rest[1]
-        _lang, _, rest = rest[2:].partition(b"\x00")
-        _translated, _, text = rest.partition(b"\x00")
-        return (zlib.decompress(text) if compressed else text).decode("utf-8")
+        try:
+            if kind == b"tEXt":
+                return rest.decode("latin-1")
+            if kind == b"zTXt":  # compression method byte, then zlib stream
+                return zlib.decompress(rest[1:]).decode("latin-1")
+            compressed = rest[0]  # iTXt: flag, method, language\0, translated keyword\0, text
+            _lang, _, rest = rest[2:].partition(b"\x00")
+            _translated, _, text = rest.partition(b"\x00")
+            return (zlib.decompress(text) if compressed else text).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError) as exc:
+            raise DataFormatError(f"{path}: corrupt {kind.decode()} Description chunk ({exc})") from None
     return None
 
 
@@ -273,7 +276,8 @@ def plot_per_class(
         bars = ax.bar(np.arange(len(classes)), np.nan_to_num(v), yerr=err, color="tab:blue", capsize=3)
         ax.bar_label(bars, labels=["n/a" if np.isnan(x) else f"{x:.3f}" for x in v], fontsize="x-small")
         slanted = sum(map(len, classes)) > 30  # long or many names would overlap when level
-        ax.set_xticks(np.arange(len(classes)), classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+        ax.set_xticks(np.arange(len(classes)), classes, rotation=45 if slanted else 0,
+                      ha="right" if slanted else "center")
         finite = v[np.isfinite(v)]
         if finite.size and finite.min() >= 0 and finite.max() <= 1:
             ax.set_ylim(0, 1.05)
@@ -381,7 +385,9 @@ def plot_embedding(
     coloured by the (N,) int class labels (tab10 colours for up to 10 classes); 500 × 450 px."""
     y = np.asarray(labels)
     if y.shape != (np.asarray(embedding).shape[0],) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-        raise DataFormatError(f"labels of shape {y.shape}, dtype {y.dtype}; expected (N,) non-negative ints, N = embedding rows")
+        raise DataFormatError(
+            f"labels of shape {y.shape}, dtype {y.dtype}; expected (N,) non-negative ints, N = embedding rows"
+        )
     xy = project_embedding(embedding, method, seed)
     num_classes = int(y.max()) + 1
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
@@ -404,7 +410,8 @@ def plot_embedding(
     ax.set_xlabel(f"{axis}1")
     ax.set_ylabel(f"{axis}2")
     ax.legend(handles=handles, fontsize="x-small", loc="best")
-    caption = caption or f"{'PCA' if method == 'pca' else 't-SNE'} of the embedding ({xy.shape[0]} points), coloured by class."
+    name = "PCA" if method == "pca" else "t-SNE"
+    caption = caption or f"{name} of the embedding ({xy.shape[0]} points), coloured by class."
     return save_figure(fig, out, caption)
 
 

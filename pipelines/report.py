@@ -93,7 +93,10 @@ def _markdown(title: str, notes: Sequence[str], tables, config: str | None, figu
         lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
         lines.append("")
     lines += ["## Config", ""]
-    lines += ["```yaml", config.rstrip("\n"), "```", ""] if config is not None else ["(no config.yaml in the run folder)", ""]
+    if config is None:
+        lines += ["(no config.yaml in the run folder)", ""]
+    else:
+        lines += ["```yaml", config.rstrip("\n"), "```", ""]
     lines += ["## Figures", ""]
     if not figures:
         lines += ["(no figures in figures/)", ""]

@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from threefold.datasets.errors import DataFormatError, MissingFileError
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.registry import register_dataset
 
 QM9_PROPERTIES: tuple[str, ...] = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
                                    "G", "Cv")  # fmt: skip
@@ -101,3 +104,38 @@ def read_qm9_sdf_csv(sdf: Path, csv_path: Path | None = None) -> list[dict[str, 
             raise DataFormatError(f"{csv_path}: no row with mol_id {m['name']!r} (record {m['index']} of {sdf.name})")
         m["props"] = {**m.get("props", {}), **{k: float(v) for k, v in row.items() if k != "mol_id"}}
     return mols
+
+
+@register_dataset("qm9", "QM9 molecules from a folder of dsgdb9nsd_*.xyz (seeded 80/10/10 split)", modality="molecule")
+class QM9(Dataset):
+    """QM9 as a torch dataset: ``QM9(root, split="train"|"val"|"test"|"all", seed=0)``.
+
+    Splits are a seeded 80/10/10 permutation of the files in index order
+    (:func:`threefold.datasets.splits.split_indices`); samples carry torch tensors
+    (``numbers`` int64, ``positions`` float32 Å) and ``props`` as floats.
+    """
+
+    SPLITS = ("train", "val", "test")
+
+    def __init__(self, root: Path, split: str = "train", seed: int = 0) -> None:
+        from threefold.datasets.splits import split_indices
+
+        files = sorted(Path(root).glob("dsgdb9nsd_*.xyz"))
+        if not files:
+            raise MissingFileError(f"{root}: no dsgdb9nsd_*.xyz files (the original QM9 layout)")
+        if split == "all":
+            self.files = files
+        elif split in self.SPLITS:
+            part = split_indices(len(files), (0.8, 0.1, 0.1), seed)[self.SPLITS.index(split)]
+            self.files = [files[i] for i in np.sort(part)]
+        else:
+            raise ConfigError(f"QM9 split {split!r}: expected one of train, val, test, all")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = read_qm9_xyz(self.files[index])
+        rec["numbers"] = torch.from_numpy(rec["numbers"])
+        rec["positions"] = torch.from_numpy(rec["positions"])
+        return rec

@@ -435,13 +435,12 @@ def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer) -> Uni3DARMo
     return Uni3DARModule({"config": config_to_dict(cfg), "model": model.to_dict(), "optim": asdict(cfg.optim)})
 
 
-def _device(module: L.LightningModule) -> torch.device:
+def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 class _Uni3DARPipelineBase(Pipeline):
     config_class = Uni3DARRunConfig
-    default_octree = "qm9"
 
     def run(self, cfg: Uni3DARRunConfig, ctx: RunContext) -> dict[str, Any]:
         seed_everything(cfg.seed)
@@ -467,7 +466,7 @@ class _Uni3DARPipelineBase(Pipeline):
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics
-        device = _device(module)
+        device = _device()
         model = module.model.to(device)
         unigram = unigram_log_probs(data.train_dataloader(), len(tokenizer.vocab), tokenizer.spec.bins)
         metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
@@ -484,7 +483,7 @@ class _Uni3DARPipelineBase(Pipeline):
         tokenizer = OctreeTokenizer(module.hparams["config"]["octree"])
         mols, _ = load_molecules(ctx.data, ctx.run_dir, cfg.limit_molecules)
         elements = np.unique(np.concatenate([np.asarray(m["numbers"]) for m in mols]))
-        device = _device(module)
+        device = _device()
         return {"pipeline": self.name, "checkpoint": str(checkpoint),
                 "sampling": sample_and_score(module.model.to(device), tokenizer, mols, cfg.sample, elements,
                                              cfg.seed, device)}  # fmt: skip

@@ -152,7 +152,6 @@ class OctreeTokens:
             "child_tokens": child_n,
             "slot_tokens": 8 * tree_n,
             "ratio_vs_child": child_n / tree_n,
-            "ratio_vs_slot": 8.0 * np.ones_like(tree_n, dtype=np.float64),
             "mean_tree_tokens": float(tree_n.mean()),
             "mean_child_tokens": float(child_n.mean()),
             "mean_ratio_vs_child": float((child_n / tree_n).mean()),

@@ -79,3 +79,17 @@ $$$$
     (tmp_path / "gdb9.sdf.csv").write_text("mol_id,A\ngdb_2,1.0\n")
     with pytest.raises(DataFormatError, match="no row with mol_id 'gdb_1'"):
         read_qm9_sdf_csv(tmp_path / "gdb9.sdf")
+
+
+def test_qm9_dataset_splits(tmp_path):
+    import torch
+
+    from threefold.datasets.qm9 import QM9
+
+    for i in range(1, 21):
+        (tmp_path / f"dsgdb9nsd_{i:06d}.xyz").write_text(METHANE.replace("gdb 1\t", f"gdb {i}\t"))
+    parts = [QM9(tmp_path, split, seed=3) for split in ("train", "val", "test")]
+    assert [len(p) for p in parts] == [16, 2, 2]
+    names = [p[i]["name"] for p in parts for i in range(len(p))]
+    assert sorted(names) == sorted(f"gdb_{i}" for i in range(1, 21))  # disjoint and complete
+    assert parts[0][0]["positions"].dtype == torch.float32 and len(QM9(tmp_path, "all")) == 20

@@ -307,7 +307,7 @@ def sample_and_score(
 ) -> dict[str, Any]:  # fmt: skip
     """Generate ``cfg.num`` molecules in batches and score them; filtering is reported when on.
     Samples go to ``out_xyz`` (an incomplete one as an empty frame)."""
-    from threefold.science.molecule_metrics import canonical_smiles, molecule_metrics, stability
+    from threefold.science.molecule_metrics import canonical_smiles, stability
 
     vocab = tokenizer.vocab
     allowed = torch.as_tensor(vocab.element_ids(allowed_numbers))
@@ -355,12 +355,20 @@ def sample_and_score(
         result["validity"] = "not computed: RDKit missing (run score_xyz_samples on samples.xyz)"
         return result
     train_smiles = {s for s in (canonical_smiles(m["numbers"], m["positions"]) for m in train_mols) if s}
-    result.update(molecule_metrics(scored, train_smiles))
+    result.update(_score(scored, train_smiles))
     if cfg.keep_fraction < 1.0:
         merged = filter_best_fraction(_concat_generated(parts), cfg.keep_fraction)
-        result["filtered"] = molecule_metrics([m for m, k in zip(scored, merged.kept) if k], train_smiles)
+        result["filtered"] = _score([m for m, k in zip(scored, merged.kept) if k], train_smiles)
     result["training_molecules_valid"] = len(train_smiles)
     return result
+
+
+def _score(mols: list[tuple[np.ndarray, np.ndarray]], train_smiles: set[str]) -> dict[str, float]:
+    from threefold.pipelines.metrics.molecules import MoleculeGenerationMetrics
+
+    acc = MoleculeGenerationMetrics(training_smiles=train_smiles)
+    acc.update(mols)
+    return {k: float(v) for k, v in acc.compute().items()}
 
 
 def write_xyz(path: Path, mols: list[tuple[np.ndarray, np.ndarray]], vocab) -> None:
@@ -396,14 +404,14 @@ def read_xyz_frames(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 def score_xyz_samples(samples: Path, training: Path | None = None) -> dict[str, Any]:
     """Score a ``samples.xyz`` written by a run (e.g. on a machine without RDKit) against the
     training molecules (default: the embedded sample). Needs RDKit."""
-    from threefold.science.molecule_metrics import canonical_smiles, molecule_metrics
+    from threefold.science.molecule_metrics import canonical_smiles
 
     mols = read_xyz_frames(samples)
     train = read_xyz_frames(training) if training is not None else [
         (m["numbers"], m["positions"]) for m in load_molecules(None, Path(samples).parent / "rescore")[0]
     ]  # fmt: skip
     train_smiles = {s for s in (canonical_smiles(z, p) for z, p in train) if s}
-    return molecule_metrics(mols, train_smiles)
+    return _score(mols, train_smiles)
 
 
 def _concat_generated(parts):

@@ -13,7 +13,8 @@ Three-dimensional queries go through a uniform grid: reference points are sorted
 query looks at the 3x3x3 cells around its own (nine contiguous runs of the sorted order, found with
 ``searchsorted``). The search is exact: a kNN answer is accepted only when the k-th distance is shorter
 than the distance from the query to the outside of the searched block; the other queries are retried
-on a grid of twice the cell size, and the last few by brute force. The ball query uses cells at least
+on a grid of twice the cell size, and the last few by brute force. On CUDA with Triton installed the
+candidate scan of float32 kNN runs in one kernel (:mod:`threefold.geometry.knn_triton`). The ball query uses cells at least
 ``radius`` wide, so the block always contains the whole ball. Other dimensions use blocked brute force.
 
 Memory is bounded: no ``(N, M)`` distance matrix is ever formed for the whole cloud; distances are
@@ -41,6 +42,8 @@ DENSE_MAX_PAIRS = 1 << 18
 #: Mean reference points per grid cell for kNN, as a multiple of k (a cell must hold the k-th
 #: neighbour of most queries: 0.24 k is the break-even for uniform density).
 KNN_CELL_FILL = 0.6
+#: Scan kNN candidates with the Triton kernel (geometry/knn_triton.py) for float32 on CUDA when available.
+USE_TRITON = True
 #: Grid rounds (cell size doubling each time) before the remaining kNN queries fall back to brute force.
 KNN_GRID_ROUNDS = 4
 
@@ -282,6 +285,14 @@ def _blocks(count: Tensor) -> list[tuple[int, int]]:
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def _triton_scan():
+    try:
+        from threefold.geometry.knn_triton import knn_runs_triton
+    except ImportError:
+        return None
+    return knn_runs_triton
+
+
 def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
     b, nq, _ = q.shape
     m = r.shape[1]
@@ -298,6 +309,7 @@ def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
     out = torch.empty(b * nq, k, dtype=torch.long, device=q.device)
     todo = torch.arange(b * nq, device=q.device)
     q_flat = q.reshape(-1, 3)
+    scan = _triton_scan() if USE_TRITON and q.is_cuda and q.dtype == torch.float32 else None
     for _ in range(KNN_GRID_ROUNDS):
         if todo.numel() == 0:
             break
@@ -305,15 +317,20 @@ def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
         start, count, bound = grid.runs(q)
         start, count, bound = start[todo], count[todo], bound[todo]
         failed = []
-        for s, e in _blocks(count):
+        for s, e in _blocks(count) if scan is None else [(0, len(todo))]:
             rows = todo[s:e]
-            pos, d2 = grid.candidates(q_flat[rows], start[s:e], count[s:e])
-            kk = min(k, d2.shape[1])
-            best = d2.topk(kk, dim=1, largest=False, sorted=True)
+            if scan is None:
+                pos, d2 = grid.candidates(q_flat[rows], start[s:e], count[s:e])
+                kk = min(k, d2.shape[1])
+                best_d2, at = d2.topk(kk, dim=1, largest=False, sorted=True)
+                best_pos = pos.gather(1, at)
+            else:
+                kk = k
+                best_d2, best_pos = scan(q_flat[rows], grid.sorted_ref, start, count, k)
             # Accept only when no point outside the searched block can be as close as the k-th found.
-            ok = (count[s:e].sum(1) >= k) & (best.values[:, -1] * (1 + 1e-5) < bound[s:e].square())
+            ok = (count[s:e].sum(1) >= k) & (best_d2[:, -1] * (1 + 1e-5) < bound[s:e].square())
             if kk == k:
-                out[rows[ok]] = grid.sorted_local[pos[ok].gather(1, best.indices[ok])]
+                out[rows[ok]] = grid.sorted_local[best_pos[ok]]
             failed.append(rows[~ok])
         todo = torch.cat(failed) if failed else todo[:0]
         cell = grid.cell * 2

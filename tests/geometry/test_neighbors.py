@@ -151,3 +151,19 @@ def test_knn_and_ball_query_cuda_match_cpu() -> None:
     ball_gpu = ball_query(q.cuda(), pts.cuda(), 0.03, 32)
     for a, b in zip(ball_gpu, ball_cpu):
         np.testing.assert_array_equal(a.cpu().numpy(), b.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_knn_cuda_float32_matches_brute_force(use_triton: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 on CUDA (the Triton candidate scan when available) against CPU brute force."""
+    monkeypatch.setattr(neighbors, "USE_TRITON", use_triton)
+    g = torch.Generator().manual_seed(7)
+    pts = torch.cat([torch.rand(40_000, 3, generator=g), torch.randn(2000, 3, generator=g) * 0.01 + 2])
+    q = pts[::20]
+    d_gpu, i_gpu = knn(q.cuda(), pts.cuda(), 16)
+    i_ref = neighbors._dense_knn_idx(q[None], pts[None], 16)[0]
+    d_ref = (pts[i_ref] - q[:, None]).square().sum(-1).sqrt()
+    # Distances are computed with the same float32 rounding; equal ones may swap indices.
+    np.testing.assert_array_equal(d_gpu.cpu().numpy(), d_ref.numpy())
+    assert (i_gpu.cpu() == i_ref).float().mean() > 0.999

@@ -164,6 +164,6 @@ def test_knn_cuda_float32_matches_brute_force(use_triton: bool, monkeypatch: pyt
     d_gpu, i_gpu = knn(q.cuda(), pts.cuda(), 16)
     i_ref = neighbors._dense_knn_idx(q[None], pts[None], 16)[0]
     d_ref = (pts[i_ref] - q[:, None]).square().sum(-1).sqrt()
-    # Distances are computed with the same float32 rounding; equal ones may swap indices.
-    np.testing.assert_array_equal(d_gpu.cpu().numpy(), d_ref.numpy())
+    # Equal distances may swap indices; the distances themselves agree to float32 rounding.
+    np.testing.assert_allclose(d_gpu.cpu().numpy(), d_ref.numpy(), rtol=1e-6)
     assert (i_gpu.cpu() == i_ref).float().mean() > 0.999

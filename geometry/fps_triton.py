@@ -15,6 +15,7 @@ identical, not merely close. Imported only when CUDA and Triton are present.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -109,14 +110,15 @@ def fps_triton(pts: Tensor, counts: Tensor, num_samples: int, start: Tensor) -> 
     out = torch.empty(b, num_samples, dtype=torch.long, device=pts.device)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     stuck = torch.zeros(1, dtype=torch.int32, device=pts.device)
-    for c in range(0, b, chunk):
-        e = min(b, c + chunk)
-        key = torch.zeros(e - c, num_samples, dtype=torch.long, device=pts.device)
-        arrive = torch.zeros(e - c, num_samples, dtype=torch.int32, device=pts.device)
-        _fps_kernel[(nprog, e - c)](
-            xyz[c:e], counts[c:e], start[c:e], out[c:e], key, arrive, stuck, n, num_samples, nprog,
-            BLOCK=block, SINGLE=nprog == 1, SPIN_LIMIT=50_000_000, num_warps=warps, enable_fp_fusion=False,
-        )
+    with torch.cuda.device(pts.device) if pts.is_cuda else contextlib.nullcontext():
+        for c in range(0, b, chunk):
+            e = min(b, c + chunk)
+            key = torch.zeros(e - c, num_samples, dtype=torch.long, device=pts.device)
+            arrive = torch.zeros(e - c, num_samples, dtype=torch.int32, device=pts.device)
+            _fps_kernel[(nprog, e - c)](
+                xyz[c:e], counts[c:e], start[c:e], out[c:e], key, arrive, stuck, n, num_samples, nprog,
+                BLOCK=block, SINGLE=nprog == 1, SPIN_LIMIT=50_000_000, num_warps=warps, enable_fp_fusion=False,
+            )
     if int(stuck.item()):
         warnings.warn("fps_triton: a grid barrier timed out (programs not co-resident); using the torch loop", RuntimeWarning, stacklevel=3)
         return None

@@ -13,6 +13,8 @@ Imported only when CUDA and Triton are present.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -73,9 +75,10 @@ def knn_runs_triton(q: Tensor, sorted_ref: Tensor, start: Tensor, count: Tensor,
     pos = torch.empty(nq, width, dtype=torch.long, device=q.device)
     if nq:
         block = 64
-        _knn_runs_kernel[(triton.cdiv(nq, block),)](
-            q.contiguous(), sorted_ref.T.contiguous(), start.contiguous(), count.contiguous(), d2, pos,
-            nq, sorted_ref.shape[0], RUNS=runs, K=width, BLOCK_Q=block, num_warps=4, enable_fp_fusion=False,
-        )
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            _knn_runs_kernel[(triton.cdiv(nq, block),)](
+                q.contiguous(), sorted_ref.T.contiguous(), start.contiguous(), count.contiguous(), d2, pos,
+                nq, sorted_ref.shape[0], RUNS=runs, K=width, BLOCK_Q=block, num_warps=4, enable_fp_fusion=False,
+            )
     d2, order = d2.sort(dim=1)
     return d2[:, :k], pos.gather(1, order[:, :k])

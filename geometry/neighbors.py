@@ -37,8 +37,14 @@ BLOCK_ELEMENTS_CUDA = 1 << 25
 
 def _block_budget(device: torch.device) -> int:
     return BLOCK_ELEMENTS_CUDA if device.type == "cuda" else BLOCK_ELEMENTS
-#: Problems with at most this many (query, reference) pairs use brute force: the grid's set-up costs more.
+#: Brute force is used when a cloud has at most GRID_MIN_REF reference points or the problem has at
+#: most DENSE_MAX_PAIRS (query, reference) pairs: the grid's set-up then costs more than it saves.
+GRID_MIN_REF = 4096
 DENSE_MAX_PAIRS = 1 << 18
+
+
+def _use_grid(q: Tensor, r: Tensor) -> bool:
+    return q.shape[2] == 3 and r.shape[1] > GRID_MIN_REF and q.shape[0] * q.shape[1] * r.shape[1] > DENSE_MAX_PAIRS
 #: Mean reference points per grid cell for kNN, as a multiple of k (a cell must hold the k-th
 #: neighbour of most queries: 0.24 k is the break-even for uniform density).
 KNN_CELL_FILL = 0.6
@@ -112,7 +118,7 @@ def knn_indices(query: Tensor, ref: Tensor, k: int) -> Tensor:
     if not 1 <= k <= r.shape[1]:
         raise ConfigError(f"knn: k={k} must be between 1 and the number of reference points ({r.shape[1]})")
     with torch.no_grad():
-        if q.shape[2] == 3 and q.shape[0] * q.shape[1] * r.shape[1] > DENSE_MAX_PAIRS:
+        if _use_grid(q, r):
             idx = _grid_knn_idx(q.detach(), r.detach(), k)
         else:
             idx = _dense_knn_idx(q.detach(), r.detach(), k)
@@ -161,7 +167,7 @@ def ball_query(query: Tensor, ref: Tensor, radius: float, k: int) -> tuple[Tenso
     if k < 1:
         raise ConfigError(f"ball_query: k={k} must be >= 1")
     with torch.no_grad():
-        if q.shape[2] == 3 and q.shape[0] * q.shape[1] * r.shape[1] > DENSE_MAX_PAIRS:
+        if _use_grid(q, r):
             idx, count = _grid_ball_query(q.detach(), r.detach(), radius, k)
         else:
             idx, count = _dense_ball_query(q.detach(), r.detach(), radius, k)

@@ -16,6 +16,7 @@ def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Run a test through the grid search and through blocked brute force (small blocks)."""
     if request.param == "grid":
         monkeypatch.setattr(neighbors, "DENSE_MAX_PAIRS", 0)
+        monkeypatch.setattr(neighbors, "GRID_MIN_REF", 0)
     else:
         monkeypatch.setattr(neighbors, "DENSE_MAX_PAIRS", 1 << 62)
     monkeypatch.setattr(neighbors, "BLOCK_ELEMENTS", 20_000)

@@ -229,15 +229,15 @@ class _Grid:
         ny, nz = self.dims[batch, 1], self.dims[batch, 2]
         return self.base[batch] + (c[..., 0] * ny + c[..., 1]) * nz + c[..., 2]
 
-    def runs(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Nine runs of the sorted reference order around each query: ``start, count (B*Q, 9)``,
-        and ``bound (B*Q,)``, the distance from the query to the outside of its 3x3x3 block
-        (inf where the block reaches the grid edge on every side)."""
-        b, nq, _ = q.shape
-        batch = torch.arange(b, device=q.device).repeat_interleave(nq)
-        c = self._cells(q).view(-1, 3)
+    def runs(self, q_rows: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Nine runs of the sorted reference order around each query row ``(R, 3)`` of cloud
+        ``batch (R,)``: ``start, count (R, 9)``, and ``bound (R,)``, the distance from the query to the
+        outside of its 3x3x3 block (inf where the block reaches the grid edge on every side)."""
         dims = self.dims[batch]
-        step = torch.tensor([-1, 0, 1], device=q.device)
+        pos = q_rows - self.lo[batch]
+        cell = self.cell[batch, None]
+        c = torch.minimum((pos / cell).floor().long().clamp_min(0), dims - 1)
+        step = torch.tensor([-1, 0, 1], device=q_rows.device)
         cx = c[:, 0, None, None] + step[:, None]  # (BQ, 3, 1)
         cy = c[:, 1, None, None] + step[None, :]  # (BQ, 1, 3)
         inside = (cx >= 0) & (cx < dims[:, 0, None, None]) & (cy >= 0) & (cy < dims[:, 1, None, None])
@@ -247,8 +247,6 @@ class _Grid:
         start = torch.searchsorted(self.keys, (col + z_lo).view(-1, 9))
         end = torch.searchsorted(self.keys, (col + z_hi).view(-1, 9), right=True)
         count = torch.where(inside.view(-1, 9), end - start, 0)
-        cell = self.cell[batch, None]
-        pos = q.reshape(-1, 3) - self.lo[batch]
         below = torch.where(c >= 1, pos - (c - 1) * cell, float("inf"))
         above = torch.where(c + 2 <= dims - 1, (c + 2) * cell - pos, float("inf"))
         return start, count, torch.minimum(below, above).amin(1)
@@ -320,8 +318,7 @@ def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
         if todo.numel() == 0:
             break
         grid = _Grid(q, r, cell)
-        start, count, bound = grid.runs(q)
-        start, count, bound = start[todo], count[todo], bound[todo]
+        start, count, bound = grid.runs(q_flat[todo], todo // nq)
         failed = []
         for s, e in _blocks(count) if scan is None else [(0, len(todo))]:
             rows = todo[s:e]
@@ -352,9 +349,10 @@ def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
 def _grid_ball_query(q: Tensor, r: Tensor, radius: float, k: int) -> tuple[Tensor, Tensor]:
     b, nq, _ = q.shape
     m = r.shape[1]
-    # Cells at least `radius` wide: the 3x3x3 block around a query contains its whole ball.
-    grid = _Grid(q, r, torch.full((b,), radius, dtype=q.dtype, device=q.device))
-    start, count, _ = grid.runs(q)
+    # Cells wider than `radius` (by a margin far above rounding in the cell assignment): the 3x3x3
+    # block around a query contains its whole ball.
+    grid = _Grid(q, r, torch.full((b,), radius * (1 + 1e-4), dtype=q.dtype, device=q.device))
+    start, count, _ = grid.runs(q.reshape(-1, 3), torch.arange(b, device=q.device).repeat_interleave(nq))
     q_flat = q.reshape(-1, 3)
     idx = torch.empty(b * nq, k, dtype=torch.long, device=q.device)
     found = torch.empty(b * nq, dtype=torch.long, device=q.device)

@@ -100,6 +100,16 @@ def test_ball_query_matches_pointnet2_convention(search: str, dim: int) -> None:
     assert (count == 0).any() and (count == 12).any() and ((count > 0) & (count < 12)).any()
 
 
+def test_ball_query_on_a_lattice_at_the_cell_size(search: str) -> None:
+    """Neighbours exactly one radius apart sit on cell boundaries of the grid search."""
+    lattice = np.stack(np.meshgrid(*[np.arange(8) * 0.1] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for radius in (0.1, 0.1 + 1e-12, 0.1 * np.sqrt(2) + 1e-12):
+        idx, count = ball_query(torch.from_numpy(lattice[::7]), torch.from_numpy(lattice), radius, 20)
+        want_i, want_c = _ball_numpy(lattice[::7], lattice, radius, 20)
+        np.testing.assert_array_equal(count.numpy(), want_c)
+        np.testing.assert_array_equal(idx.numpy(), want_i)
+
+
 def test_ball_query_k_larger_than_cloud(search: str) -> None:
     r = torch.tensor([[0.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0]])
     idx, count = ball_query(r[:1], r, 1.0, 5)

@@ -102,9 +102,10 @@ def fscore(x: Tensor, y: Tensor, threshold: float) -> Tensor:
     """F-score at a distance threshold (Tatarchenko et al., "What Do Single-view 3D Reconstruction
     Networks Learn?", CVPR 2019, §3).
 
-    Precision: fraction of ``x`` (prediction) within ``threshold`` (Euclidean, inclusive) of ``y``;
-    recall: fraction of ``y`` (ground truth) within ``threshold`` of ``x``; F = 2PR / (P + R), 0 when
-    both are 0. The count is a step function, so the F-score has no useful gradient: use it as a metric.
+    Precision: fraction of ``x`` (prediction) closer than ``threshold`` (Euclidean, strict ``<`` as in
+    the authors' ``calculate_fscore``) to ``y``; recall: fraction of ``y`` (ground truth) closer than
+    ``threshold`` to ``x``; F = 2PR / (P + R), 0 when both are 0. The count is a step function, so the
+    F-score has no useful gradient: use it as a metric.
 
     Args:
         x: ``(B, N, D)`` or ``(N, D)`` predicted points; y: ``(B, M, D)`` or ``(M, D)`` reference points.
@@ -119,7 +120,7 @@ def fscore(x: Tensor, y: Tensor, threshold: float) -> Tensor:
     dx, _ = _directional(xb, yb)
     dy, _ = _directional(yb, xb)
     t2 = threshold * threshold
-    precision = (dx <= t2).to(x.dtype).mean(-1)
-    recall = (dy <= t2).to(x.dtype).mean(-1)
+    precision = (dx < t2).to(x.dtype).mean(-1)
+    recall = (dy < t2).to(x.dtype).mean(-1)
     f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     return f[0] if unbatched else f

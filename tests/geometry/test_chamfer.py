@@ -86,11 +86,14 @@ def test_fscore_matches_brute_force() -> None:
     x, y = rng.random((2, 300, 3)), rng.random((2, 200, 3))
     got = fscore(torch.from_numpy(x), torch.from_numpy(y), threshold=0.05)
     for b in range(2):
-        p = (np.sqrt(_nn_numpy(x[b], y[b])[0]) <= 0.05).mean()
-        r = (np.sqrt(_nn_numpy(y[b], x[b])[0]) <= 0.05).mean()
+        p = (np.sqrt(_nn_numpy(x[b], y[b])[0]) < 0.05).mean()
+        r = (np.sqrt(_nn_numpy(y[b], x[b])[0]) < 0.05).mean()
         assert 0 < p < 1 and 0 < r < 1
         assert got[b].item() == pytest.approx(2 * p * r / (p + r), rel=1e-12)
     assert fscore(torch.from_numpy(x[0]), torch.from_numpy(x[0]), 1e-9).item() == 1.0
+    # Strict threshold: two points exactly 0.5 apart do not count at threshold 0.5.
+    a, b = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.0, 0.0]])
+    assert fscore(a, b, 0.5).item() == 0.0 and fscore(a, b, 0.5001).item() == 1.0
 
 
 def test_chamfer_rejects_bad_input() -> None:

@@ -269,7 +269,7 @@ def heldout_cross_entropy(
     sums = {k: [0.0, 0.0, 0] for k in TOKEN_TYPES}
     for batch in loader:
         batch = batch.to(device)
-        h = model.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in)
+        h = model.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in, tree_index=batch.tree_index)
         tgt = _targets(batch)
         tree_m, atom_m = batch.kind == KIND_TREE, batch.kind == KIND_ATOM
         ha = h[atom_m]
@@ -428,6 +428,7 @@ def _concat_generated(parts):
         cat_ptr([p.atom_ptr for p in parts]), np.concatenate([p.tree for p in parts]),
         cat_ptr([p.tree_ptr for p in parts]), np.concatenate([p.complete for p in parts]),
         np.concatenate([p.perplexity for p in parts]), np.concatenate([p.kept for p in parts]),
+        np.concatenate([p.atom_tree for p in parts]), np.concatenate([p.node_tree for p in parts]),
     )  # fmt: skip
 
 

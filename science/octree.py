@@ -518,6 +518,29 @@ class OctreeTokenizer:
         )
         return CrystalTokens(lat, atoms)
 
+    def tokenize_crystals(
+        self, numbers: np.ndarray, positions: np.ndarray, lattices: np.ndarray, counts: np.ndarray,
+        shift: np.ndarray | None = None,
+    ) -> CrystalTokens:  # fmt: skip
+        """``B`` crystals at once: numbers (N,), Cartesian positions (N, 3) Å, lattices (B, 3, 3) Å
+        (rows a, b, c), counts (B,); ``shift`` (B, 3) whole cells, applied to both trees alike."""
+        lattices = np.asarray(lattices, dtype=np.float64).reshape(-1, 3, 3)
+        counts = np.asarray(counts, dtype=np.int64)
+        det = np.linalg.det(lattices)
+        if (np.abs(det) < 1e-6).any():
+            raise DataFormatError(f"lattices: crystal {int(np.flatnonzero(np.abs(det) < 1e-6)[0])} has a singular cell")
+        mol = np.repeat(np.arange(len(counts)), counts)
+        frac = np.einsum("ni,nij->nj", np.asarray(positions, np.float64), np.linalg.inv(lattices)[mol]) % 1.0
+        cart = np.einsum("ni,nij->nj", frac, lattices[mol])
+        corners = np.einsum("ci,bij->bcj", _CHILD_OFFSETS.astype(np.float64), lattices)  # (B, 8, 3)
+        center = corners.mean(1)
+        if shift is not None:  # a whole-cell shift of the shared frame, identical for both trees
+            center = center - np.asarray(shift, np.float64).reshape(-1, 3) * self.spec.cell
+        lat = tokenize_batch(np.tile(self.vocab.lattice_ids(), len(counts)), corners.reshape(-1, 3),
+                             np.full(len(counts), 8), self.spec, center=center)  # fmt: skip
+        atoms = tokenize_batch(self.vocab.element_ids(numbers, "crystal"), cart, counts, self.spec, center=center)
+        return CrystalTokens(lat, atoms)
+
     def detokenize_crystal(self, tokens: CrystalTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Atomic numbers (N,), wrapped Cartesian positions (N, 3) Å, lattice (3, 3) Å (within one bin per component)."""
         corner_ids, corners, _ = detokenize(tokens.lattice)

@@ -32,6 +32,7 @@ class Uni3DARConfig:
     vocab_size: int = 442
     bins: int = 24
     depth: int = 6
+    num_trees: int = 1  # 2 for crystals: lattice-corner tree, then atom tree
     d_model: int = 128
     layers: int = 4
     heads: int = 4
@@ -132,6 +133,7 @@ class Uni3DAR(nn.Module):
         D = cfg.d_model
         self.token_emb = nn.Embedding(cfg.vocab_size, D)
         self.level_emb = nn.Embedding(cfg.depth + 1, D)
+        self.tree_emb = nn.Embedding(cfg.num_trees, D) if cfg.num_trees > 1 else None
         self.xyz_emb = nn.ModuleList(nn.Embedding(cfg.bins + 1, D) for _ in range(3))  # index bins = none
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(D)
@@ -158,9 +160,12 @@ class Uni3DAR(nn.Module):
         pos: torch.Tensor,
         xyz_in: torch.Tensor,
         cache: list[dict[str, torch.Tensor]] | None = None,
+        tree_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, L, D) of the positions given (the new ones only, with a cache)."""
         x = self.token_emb(tokens) + self.level_emb(level)
+        if self.tree_emb is not None and tree_index is not None:
+            x = x + self.tree_emb(tree_index)
         for axis in range(3):
             x = x + self.xyz_emb[axis](xyz_in[..., axis])
         rope = rope_3d(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_theta)
@@ -182,7 +187,7 @@ class Uni3DAR(nn.Module):
 
     def loss(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         """Weighted cross-entropy (nats per predicted token) and its parts: tree, type, x, y, z."""
-        h = self.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in)
+        h = self.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in, tree_index=batch.tree_index)
         tree_m, atom_m = batch.kind == KIND_TREE, batch.kind == KIND_ATOM
         parts = {"tree": F.cross_entropy(self.tree_head(h[tree_m]).float(), batch.tree_target[tree_m])}
         ha, ty, xyz = h[atom_m], batch.type_target[atom_m], batch.xyz_target[atom_m]

@@ -32,7 +32,8 @@ class Generated:
     types (A,) int64 vocab ids; positions (A, 3) float64 Å (box frame); atom_ptr (B+1,) int64;
     tree (T,) int64 occupancy masks with tree_ptr (B+1,); complete (B,) bool (False: the structure
     hit ``max_items`` and is reported, not decoded); perplexity (B,) float64 per-atom perplexity
-    exp(-mean log p) over type and coordinate choices; kept (B,) bool after best-fraction filtering.
+    exp(-mean log p) over type and coordinate choices; kept (B,) bool after best-fraction filtering;
+    atom_tree (A,) and node_tree (T,) int64: the tree (0, or 1 for a crystal's atoms) of each item.
     """
 
     types: np.ndarray
@@ -43,6 +44,8 @@ class Generated:
     complete: np.ndarray
     perplexity: np.ndarray
     kept: np.ndarray
+    atom_tree: np.ndarray
+    node_tree: np.ndarray
 
     def __len__(self) -> int:
         return len(self.atom_ptr) - 1
@@ -66,14 +69,16 @@ def generate(
     vocab: Vocabulary,
     num: int,
     *,
-    allowed_types: torch.Tensor,
+    allowed_types: torch.Tensor | list[torch.Tensor],
     generator: torch.Generator,
     temperature: float = 1.0,
     top_k: int = 0,
     max_items: int = 512,
 ) -> Generated:
     """Sample ``num`` structures at once. ``allowed_types`` (K,) vocab ids the atom head may emit
-    (elements of the training set); ``generator`` lives on the model's device."""
+    (elements of the training set), or one such tensor per tree for multi-tree structures (a
+    crystal: lattice corners, then elements): when a structure's queue of tree ``k`` empties, the
+    root of tree ``k + 1`` is queued in the same box frame. ``generator`` lives on the model's device."""
     device = next(model.parameters()).device
     model.eval()
     B, Q, bins, depth = num, max_items, spec.bins, spec.depth
@@ -91,10 +96,16 @@ def generate(
     a_fine = torch.zeros(B, Q, 3, dtype=torch.long, device=device)
     n_atom = torch.zeros(B, dtype=torch.long, device=device)
     logp = torch.zeros(B, device=device)
-    type_mask = torch.full((model.cfg.vocab_size,), float("-inf"), device=device)
-    type_mask[allowed_types.to(device)] = 0.0
+    per_tree = list(allowed_types) if isinstance(allowed_types, (list, tuple)) else [allowed_types]
+    num_trees = len(per_tree)
+    type_mask = torch.full((num_trees, model.cfg.vocab_size), float("-inf"), device=device)
+    for k, ids in enumerate(per_tree):
+        type_mask[k, ids.to(device)] = 0.0
+    tree_cur = torch.zeros(B, dtype=torch.long, device=device)
+    a_tree = torch.zeros(B, Q, dtype=torch.long, device=device)
+    t_tree = torch.zeros(B, Q, dtype=torch.long, device=device)
     cache: list[dict[str, torch.Tensor]] = [{} for _ in model.blocks]
-    prev = None  # (token, level, pos, xyz) of the item sampled last step
+    prev = None  # (token, level, pos, xyz, tree) of the item sampled last step
 
     for _ in range(Q):
         level = q_level[rows, head.clamp(max=Q + 7)]
@@ -104,19 +115,20 @@ def generate(
         mask_tok = torch.full((B, 1), vocab.mask, dtype=torch.long, device=device)
         none_xyz = torch.full((B, 1, 3), bins, dtype=torch.long, device=device)
         if prev is None:
-            tok, lev, pos, xyz = mask_tok, level[:, None], mask_pos[:, None], none_xyz
+            tok, lev, pos, xyz, tix = mask_tok, level[:, None], mask_pos[:, None], none_xyz, tree_cur[:, None]
         else:
             tok = torch.cat([prev[0][:, None], mask_tok], 1)
             lev = torch.cat([prev[1][:, None], level[:, None]], 1)
             pos = torch.cat([prev[2][:, None], mask_pos[:, None]], 1)
             xyz = torch.cat([prev[3][:, None], none_xyz], 1)
-        h = model.hidden(tok, lev, pos, xyz, cache)[:, -1]
+            tix = torch.stack([prev[4], tree_cur], 1)
+        h = model.hidden(tok, lev, pos, xyz, cache, tree_index=tix)[:, -1]
         active = ~done
         is_tree = (level > 0) & active
         is_atom = (level == 0) & active
 
         occ = _sample(model.tree_head(h), temperature, top_k, generator) + 1  # 1..255
-        t_logits = model.atom_logits(h, step=0) + type_mask
+        t_logits = model.atom_logits(h, step=0) + type_mask[tree_cur]
         t = _sample(t_logits, temperature, top_k, generator)
         lp = t_logits.float().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
         fine = torch.zeros(B, 3, dtype=torch.long, device=device)
@@ -137,24 +149,31 @@ def generate(
         q_cell[b_idx, slot[write]] = child_cell[write]
         tail = tail + write.sum(1)
         tree_out[rows[is_tree], n_tree[is_tree]] = occ[is_tree]
+        t_tree[rows[is_tree], n_tree[is_tree]] = tree_cur[is_tree]
         n_tree = n_tree + is_tree.long()
 
         # atoms: record type and fine position
         a_type[rows[is_atom], n_atom[is_atom]] = t[is_atom]
         a_fine[rows[is_atom], n_atom[is_atom]] = cell[is_atom] * bins + fine[is_atom]
+        a_tree[rows[is_atom], n_atom[is_atom]] = tree_cur[is_atom]
         n_atom = n_atom + is_atom.long()
         logp = logp + torch.where(is_atom, lp, torch.zeros_like(lp))
 
         tok_next = torch.where(is_tree, vocab.tree_offset + occ - 1, t)
         pos_next = torch.where(is_tree[:, None], mask_pos, (cell * bins + fine).float())
         xyz_next = torch.where(is_tree[:, None], torch.full_like(fine, bins), fine)
-        prev = (tok_next, level, pos_next, xyz_next)
+        prev = (tok_next, level, pos_next, xyz_next, tree_cur.clone())
         head = head + active.long()
+        next_tree = active & ~overflow & (head >= tail) & (tree_cur < num_trees - 1)
+        q_level[rows[next_tree], tail[next_tree]] = depth  # the next tree's root, same box frame
+        q_cell[rows[next_tree], tail[next_tree]] = 0
+        tail = tail + next_tree.long()
+        tree_cur = tree_cur + next_tree.long()
         done = done | (head >= tail) | overflow
         if done.all():
             break
 
-    complete = (head >= tail) & (n_atom > 0)
+    complete = (head >= tail) & (n_atom > 0) & (tree_cur == num_trees - 1)
     na, nt = n_atom.cpu().numpy(), n_tree.cpu().numpy()
     take_a = np.arange(Q)[None, :] < na[:, None]
     take_t = np.arange(Q)[None, :] < nt[:, None]
@@ -168,6 +187,8 @@ def generate(
         complete=complete.cpu().numpy(),
         perplexity=perplexity,
         kept=complete.cpu().numpy().copy(),
+        atom_tree=a_tree.cpu().numpy()[take_a],
+        node_tree=t_tree.cpu().numpy()[take_t],
     )
 
 

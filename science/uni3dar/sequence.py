@@ -31,7 +31,9 @@ class SequenceBatch:
     tokens (B, L) long vocab ids; level (B, L) long; pos (B, L, 3) float, 0.01 Å units;
     xyz_in (B, L, 3) long in-cell offsets of atom tokens (``bins`` = none); kind (B, L) long: at
     mask positions 1 = predicts a tree token, 2 = predicts an atom, else 0; tree_target (B, L)
-    long 0..254 (mask - 1); type_target (B, L) long vocab id; xyz_target (B, L, 3) long.
+    long 0..254 (mask - 1); type_target (B, L) long vocab id; xyz_target (B, L, 3) long;
+    tree_index (B, L) long: which tree of the structure a position belongs to (a crystal's
+    lattice tree 0, atom tree 1; always 0 for molecules).
     """
 
     tokens: torch.Tensor
@@ -42,6 +44,7 @@ class SequenceBatch:
     tree_target: torch.Tensor
     type_target: torch.Tensor
     xyz_target: torch.Tensor
+    tree_index: torch.Tensor
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -59,7 +62,9 @@ def drop_level1_nodes(tokens: OctreeTokens, max_ratio: float, rng: np.random.Gen
     return ~((tokens.tree_level == 1) & (rng.random(len(owner)) < ratio[owner]))
 
 
-def build_sequences(tokens: OctreeTokens, vocab: Vocabulary, keep: np.ndarray | None = None) -> SequenceBatch:
+def build_sequences(
+    tokens: OctreeTokens, vocab: Vocabulary, keep: np.ndarray | None = None, tree_index: int = 0
+) -> SequenceBatch:
     """Vectorised layout of a token batch into padded sequences of length ``2 * (nodes + atoms)``."""
     spec = tokens.spec
     B = len(tokens)
@@ -110,5 +115,28 @@ def build_sequences(tokens: OctreeTokens, vocab: Vocabulary, keep: np.ndarray | 
     xyz_target[a_owner, m] = tokens.atom_xyz
     t = torch.from_numpy
     return SequenceBatch(
-        t(tok), t(level), t(pos), t(xyz_in), t(kind), t(tree_target), t(type_target), t(xyz_target)
-    )
+        t(tok), t(level), t(pos), t(xyz_in), t(kind), t(tree_target), t(type_target), t(xyz_target),
+        torch.full(tok.shape, tree_index, dtype=torch.long),
+    )  # fmt: skip
+
+
+def join_sequences(parts: list[SequenceBatch], pad: int, bins: int) -> SequenceBatch:
+    """Concatenate per structure the sequences of several trees (e.g. lattice then atoms), each part's
+    real positions (token != ``pad``) directly after the previous part's, right-padded again
+    (``bins`` is the "no offset" value of ``xyz_in``)."""
+    lengths = torch.stack([(p.tokens != pad).sum(1) for p in parts], 1)  # (B, parts)
+    B, L = lengths.shape[0], int(lengths.sum(1).max())
+    offset = torch.cumsum(lengths, 1) - lengths
+    fields = SequenceBatch.__dataclass_fields__
+    out = {}
+    for f in fields:
+        like = getattr(parts[0], f)
+        fill = {"tokens": pad, "xyz_in": bins}.get(f, 0)
+        out[f] = torch.full((B, L, *like.shape[2:]), fill, dtype=like.dtype)
+    for k, p in enumerate(parts):
+        valid = p.tokens != pad
+        b, j = valid.nonzero(as_tuple=True)
+        dest = offset[b, k] + j
+        for f in fields:
+            out[f][b, dest] = getattr(p, f)[b, j]
+    return SequenceBatch(**out)

@@ -160,3 +160,50 @@ def test_gpu_training_step_and_sampling_match_cpu():
     gen = generate(small, spec, VOCAB, 8, allowed_types=torch.as_tensor(VOCAB.element_ids(np.array([1, 6]))),
                    generator=g, max_items=600)  # fmt: skip
     assert gen.complete.all()
+
+
+def test_two_tree_layout_and_sampling():
+    """Crystal layout: the lattice tree's sequence, then the atom tree's, per structure; the sampler
+    switches to the second tree when the first is complete and keeps both consistent octrees."""
+    from threefold.science.uni3dar.sequence import join_sequences
+
+    tok = OctreeTokenizer("mp20")
+    lat = np.stack([np.diag([3.0, 4.0, 5.0]), np.diag([3.6, 4.8, 6.0])])
+    pos = np.array([[0.0, 0, 0], [1.5, 2.0, 2.5], [0.5, 0.5, 0.5]])
+    crystals = tok.tokenize_crystals(np.array([11, 17, 29]), pos, lat, np.array([2, 1]))
+    for b, (z, p, n) in enumerate([(np.array([11, 17]), pos[:2], 2), (np.array([29]), pos[2:], 1)]):
+        one = tok.tokenize_crystal(z, p, lat[b])  # batched == one by one
+        assert crystals.lattice[b].tree.tolist() == one.lattice.tree.tolist()
+        assert crystals.atoms[b].atom_xyz.tolist() == one.atoms.atom_xyz.tolist()
+    lat_seq = build_sequences(crystals.lattice, VOCAB, tree_index=0)
+    atom_seq = build_sequences(crystals.atoms, VOCAB, tree_index=1)
+    joined = join_sequences([lat_seq, atom_seq], VOCAB.pad, tok.spec.bins)
+    n_lat = (lat_seq.tokens != VOCAB.pad).sum(1)
+    n_atom = (atom_seq.tokens != VOCAB.pad).sum(1)
+    for r in range(2):
+        la, at = int(n_lat[r]), int(n_atom[r])
+        assert torch.equal(joined.tokens[r, :la], lat_seq.tokens[r, :la])
+        assert torch.equal(joined.tokens[r, la : la + at], atom_seq.tokens[r, :at])
+        assert torch.equal(joined.pos[r, la : la + at], atom_seq.pos[r, :at])
+        assert joined.tree_index[r, :la].eq(0).all() and joined.tree_index[r, la : la + at].eq(1).all()
+        assert joined.tokens[r, la + at :].eq(VOCAB.pad).all()
+
+    spec = OctreeSpec(cell=0.24, resolution=0.01, depth=3)
+    torch.manual_seed(0)
+    model = Uni3DAR(Uni3DARConfig(vocab_size=len(VOCAB), bins=24, depth=3, num_trees=2, d_model=32, layers=1, heads=2))
+    lattice_ids = torch.as_tensor(VOCAB.lattice_ids())
+    elements = torch.as_tensor(VOCAB.element_ids(np.array([8, 11])))
+    gen = generate(model, spec, VOCAB, 6, allowed_types=[lattice_ids, elements],
+                   generator=torch.Generator().manual_seed(1), max_items=1200)  # fmt: skip
+    assert gen.complete.all()
+    for s in range(len(gen)):
+        a0, a1 = gen.atom_ptr[s], gen.atom_ptr[s + 1]
+        trees = gen.atom_tree[a0:a1]
+        assert trees[0] == 0 and trees[-1] == 1 and (np.diff(trees) >= 0).all()
+        assert set(gen.types[a0:a1][trees == 0].tolist()) <= set(lattice_ids.tolist())
+        assert set(gen.types[a0:a1][trees == 1].tolist()) <= set(elements.tolist())
+        t0, t1 = gen.tree_ptr[s], gen.tree_ptr[s + 1]
+        for k in (0, 1):
+            pos = gen.positions[a0:a1][trees == k]
+            ref = tokenize(np.ones(len(pos), np.int64), pos + 1e-6, spec, center=np.full((1, 3), spec.box / 2))
+            assert ref.tree.tolist() == gen.tree[t0:t1][gen.node_tree[t0:t1] == k].tolist()

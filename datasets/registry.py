@@ -38,6 +38,7 @@ DATASET_MODULES: tuple[str, ...] = (
     "threefold.datasets.planetoid",
     "threefold.datasets.tu",
     "threefold.datasets.brats",
+    "threefold.datasets.objects",
 )
 
 

@@ -5,13 +5,13 @@ Shapes (B clouds of N points, G patches of k points, C = ``dim``):
 
 * :func:`group_points`: ``points (B, N, 3)`` -> ``patches (B, G, k, 3)`` re-centred on ``centers (B, G, 3)``
   (exact FPS from point 0, then kNN), in the points' unit (unit sphere after normalisation).
-* :class:`PatchEmbed` (mini-PointNet, §3.2): Conv1d 3→w→2w, max-pool, concat the pooled feature to
-  every point (4w), Conv1d 4w→4w→C, max-pool -> ``tokens (B, G, C)``; w = 128 in the paper.
+* :class:`PatchEmbed` (mini-PointNet, §3.2): pointwise 3→w→2w, max-pool, concat the pooled feature to
+  every point (4w), pointwise 4w→4w→C, max-pool -> ``tokens (B, G, C)``; w = 128 in the paper.
 * :func:`random_patch_mask`: ``(B, G)`` bool, exactly ``int(ratio * G)`` True (masked) per cloud.
 * :class:`PointMAEEncoder`: pre-norm transformer blocks on the visible tokens only, the positional
   MLP of the centres (3→128→C, GELU) added before every block, then LayerNorm.
 * :class:`PointMAE`: encoder + decoder (a shared learned mask token for every masked patch, its own
-  positional MLP, ``decoder_depth`` blocks, LayerNorm, Conv1d(C, 3k)) and the Chamfer-L2 loss
+  positional MLP, ``decoder_depth`` blocks, LayerNorm, a pointwise C→3k layer) and the Chamfer-L2 loss
   (squared distances, sum of the two directional means, averaged over masked patches).
 
 Differences from the reference code: the mask is drawn from a ``torch.Generator`` (the reference
@@ -57,22 +57,28 @@ def random_patch_mask(batch: int, num_group: int, ratio: float, generator: torch
 
 
 class PatchEmbed(nn.Module):
-    """Mini-PointNet patch embedding (§3.2): ``patches (B, G, k, 3)`` -> ``tokens (B, G, dim)``."""
+    """Mini-PointNet patch embedding (§3.2): ``patches (B, G, k, 3)`` -> ``tokens (B, G, dim)``.
+
+    The paper's pointwise Conv1d layers are written as Linear layers on channels-last points, the same
+    operation (a kernel-1 convolution is a shared Linear) at a fraction of the CPU cost; BatchNorm
+    statistics run over all B·G·k points per channel, as BatchNorm1d over (B·G, C, k) does.
+    """
 
     def __init__(self, dim: int = 384, width: int = 128) -> None:
         super().__init__()
-        self.first_conv = nn.Sequential(nn.Conv1d(3, width, 1), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-                                        nn.Conv1d(width, 2 * width, 1))
-        self.second_conv = nn.Sequential(nn.Conv1d(4 * width, 4 * width, 1), nn.BatchNorm1d(4 * width),
-                                         nn.ReLU(inplace=True), nn.Conv1d(4 * width, dim, 1))
+        self.first_conv = nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                        nn.Linear(width, 2 * width))
+        self.second_conv = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.BatchNorm1d(4 * width),
+                                         nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
         self.dim = dim
 
     def forward(self, patches: Tensor) -> Tensor:
         b, g, k, _ = patches.shape
-        x = self.first_conv(patches.reshape(b * g, k, 3).transpose(1, 2))  # (BG, 2w, k)
-        pooled = x.max(2, keepdim=True).values
-        x = self.second_conv(torch.cat([pooled.expand(-1, -1, k), x], 1))  # (BG, dim, k)
-        return x.max(2).values.reshape(b, g, self.dim)
+        x = self.first_conv(patches.reshape(b * g * k, 3)).reshape(b * g, k, -1)  # (BG, k, 2w)
+        pooled = x.max(1, keepdim=True).values
+        x = torch.cat([pooled.expand(-1, k, -1), x], 2).reshape(b * g * k, -1)  # (BGk, 4w)
+        x = self.second_conv(x).reshape(b * g, k, self.dim)
+        return x.max(1).values.reshape(b, g, self.dim)
 
 
 class DropPath(nn.Module):
@@ -202,7 +208,7 @@ class PointMAE(nn.Module):
         self.decoder_pos_embed = positional_mlp(dim)
         self.decoder = Transformer(dim, decoder_depth, decoder_heads, mlp_ratio, drop_path)
         self.decoder_norm = nn.LayerNorm(dim)
-        self.increase_dim = nn.Conv1d(dim, 3 * group_size, 1)
+        self.increase_dim = nn.Linear(dim, 3 * group_size)  # the reference's Conv1d(C, 3k, 1) on tokens
         init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -219,7 +225,7 @@ class PointMAE(nn.Module):
                          self.decoder_pos_embed(centers[mask].reshape(b, m, 3))], 1)
         x = torch.cat([visible, self.mask_token.expand(b, m, dim)], 1)
         x = self.decoder_norm(self.decoder(x, pos)[:, -m:])
-        pred = self.increase_dim(x.transpose(1, 2)).transpose(1, 2).reshape(b, m, self.group_size, 3)
+        pred = self.increase_dim(x).reshape(b, m, self.group_size, 3)
         target = patches[mask].reshape(b, m, self.group_size, 3)
         loss = patch_chamfer_l2(pred.reshape(b * m, -1, 3), target.reshape(b * m, -1, 3))
         return {"loss": loss, "pred": pred, "target": target, "mask": mask, "patches": patches, "centers": centers}

@@ -97,11 +97,11 @@ def fps_triton(pts: Tensor, counts: Tensor, num_samples: int, start: Tensor) -> 
     # On CPU tensors (TRITON_INTERPRET=1 only) one program per cloud: the interpreter runs programs
     # one after another, so a barrier between them could never be passed.
     sms = torch.cuda.get_device_properties(pts.device).multi_processor_count if pts.is_cuda else 1
-    per_cloud = max(1, sms // b) if b <= sms else 1
-    block = max(256, triton.next_power_of_2(-(-n // per_cloud)))
-    if block > MAX_BLOCK:
-        return None
+    per_cloud = max(1, sms // b)
+    block = min(MAX_BLOCK, max(256, triton.next_power_of_2(-(-n // per_cloud))))
     nprog = -(-n // block)
+    if nprog > sms:
+        return None
     # Clouds per launch such that all programs of a launch are resident at once (barrier safety).
     chunk = b if nprog == 1 else max(1, sms // nprog)
     xyz = pts.transpose(1, 2).contiguous()
@@ -117,7 +117,7 @@ def fps_triton(pts: Tensor, counts: Tensor, num_samples: int, start: Tensor) -> 
             arrive = torch.zeros(e - c, num_samples, dtype=torch.int32, device=pts.device)
             _fps_kernel[(nprog, e - c)](
                 xyz[c:e], counts[c:e], start[c:e], out[c:e], key, arrive, stuck, n, num_samples, nprog,
-                BLOCK=block, SINGLE=nprog == 1, SPIN_LIMIT=50_000_000, num_warps=warps, enable_fp_fusion=False,
+                BLOCK=block, SINGLE=nprog == 1, SPIN_LIMIT=1 << 22, num_warps=warps, enable_fp_fusion=False,
             )
     if int(stuck.item()):
         warnings.warn("fps_triton: a grid barrier timed out (programs not co-resident); using the torch loop", RuntimeWarning, stacklevel=3)

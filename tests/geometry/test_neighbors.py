@@ -169,6 +169,13 @@ def test_knn_and_ball_query_cuda_match_cpu() -> None:
 def test_knn_cuda_float32_matches_brute_force(use_triton: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 on CUDA (the Triton candidate scan when available) against CPU brute force."""
     monkeypatch.setattr(neighbors, "USE_TRITON", use_triton)
+    if use_triton:
+        pytest.importorskip("triton")
+
+        def no_torch_scan(*args: object) -> None:
+            raise AssertionError("the Triton scan was not used")
+
+        monkeypatch.setattr(neighbors._Grid, "candidates", no_torch_scan)
     g = torch.Generator().manual_seed(7)
     pts = torch.cat([torch.rand(40_000, 3, generator=g), torch.randn(2000, 3, generator=g) * 0.01 + 2])
     q = pts[::20]

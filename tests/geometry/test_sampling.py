@@ -98,10 +98,18 @@ def test_fps_rejects_bad_input() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a Triton barrier timeout must fail, not fall back
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_fps_cuda_matches_numpy(use_triton: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large single cloud (many programs per cloud in the Triton kernel), batch, and ragged input."""
     monkeypatch.setattr(sampling, "USE_TRITON", use_triton)
+    if use_triton:
+        pytest.importorskip("triton")
+
+        def no_fallback(*args: object) -> None:
+            raise AssertionError("the Triton path fell back to the torch loop")
+
+        monkeypatch.setattr(sampling, "_fps_dense", no_fallback)
     rng = np.random.default_rng(5)
     big = rng.random((60_000, 3)).astype(np.float32)
     got = farthest_point_sampling(torch.from_numpy(big).cuda(), 600, start=11)
@@ -113,6 +121,11 @@ def test_fps_cuda_matches_numpy(use_triton: bool, monkeypatch: pytest.MonkeyPatc
     got = farthest_point_sampling(torch.from_numpy(batch).cuda(), 300, start=torch.from_numpy(starts).cuda())
     for b in range(5):
         np.testing.assert_array_equal(got[b].cpu().numpy(), _fps_numpy(batch[b], 300, int(starts[b])))
+
+    many = rng.random((200, 1000, 3)).astype(np.float32)  # more clouds than SMs: one program each
+    got = farthest_point_sampling(torch.from_numpy(many).cuda(), 32)
+    for b in (0, 77, 199):
+        np.testing.assert_array_equal(got[b].cpu().numpy(), _fps_numpy(many[b], 32, 0))
 
     counts, samples = [7000, 30, 12_000], [200, 30, 250]
     clouds = [rng.random((c, 3)).astype(np.float32) for c in counts]

@@ -49,7 +49,7 @@ class AttributeMask(PretextTask):
         return nn.functional.mse_loss(self.head(hidden[self.masked]), self.target)
 
 
-def similarity_pairs(x: Tensor, k: int, generator: torch.Generator, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def similarity_pairs(x: Tensor, k: int, generator: torch.Generator, chunk: int = 256) -> tuple[Tensor, Tensor]:
     """For every node: its ``k`` most and ``k`` least cosine-similar other nodes and ``k`` random
     others. Returns unique unordered pairs ``(2, P) int64`` (u < v) and their cosine similarity
     ``(P,) float32``. Similarities are computed ``chunk`` rows at a time (memory chunk × N)."""
@@ -59,9 +59,11 @@ def similarity_pairs(x: Tensor, k: int, generator: torch.Generator, chunk: int =
     for lo in range(0, n, chunk):  # chunks of rows, not a Python loop over nodes
         rows = torch.arange(lo, min(lo + chunk, n), device=x.device)
         sim = xn[rows] @ xn.t()
-        sim[torch.arange(rows.numel(), device=x.device), rows] = float("nan")  # exclude self
-        top = torch.topk(torch.nan_to_num(sim, nan=-2.0), k, dim=1).indices
-        bottom = torch.topk(-torch.nan_to_num(sim, nan=2.0), k, dim=1).indices
+        diag = (torch.arange(rows.numel(), device=x.device), rows)
+        sim[diag] = -3.0  # below any cosine: never among the most similar
+        top = torch.topk(sim, k, dim=1).indices
+        sim[diag] = 3.0  # above any cosine: never among the least similar
+        bottom = torch.topk(sim, k, dim=1, largest=False).indices
         rand = torch.randint(0, n - 1, (rows.numel(), k), generator=generator).to(x.device)
         rand = rand + (rand >= rows.unsqueeze(1)).long()  # skip self
         other = torch.cat([top, bottom, rand], 1)
@@ -70,7 +72,9 @@ def similarity_pairs(x: Tensor, k: int, generator: torch.Generator, chunk: int =
         keys.append(u * n + v)
     key = torch.unique(torch.cat(keys))
     u, v = key // n, key % n
-    return torch.stack([u, v]), (xn[u] * xn[v]).sum(1)
+    # row-wise dot products in slices: gathering all pairs at once would hold 2 × P × F floats
+    sim = torch.cat([(xn[u[i : i + 8192]] * xn[v[i : i + 8192]]).sum(1) for i in range(0, u.numel(), 8192)])
+    return torch.stack([u, v]), sim
 
 
 class PairwiseAttrSim(PretextTask):

@@ -22,12 +22,16 @@ def adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 
 def bfs_distances(
-    edge_index: Tensor, num_nodes: int, sources: Tensor, max_depth: int | None = None, chunk: int = 512
+    edge_index: Tensor, num_nodes: int, sources: Tensor, max_depth: int | None = None, chunk: int = 512,
+    dtype: torch.dtype = torch.int32,
 ) -> Tensor:
-    """Shortest-path hop counts ``(S, N) int64`` from each node of ``sources (S,)``; -1 = unreachable
-    (or farther than ``max_depth``); 0 at the source itself."""
+    """Shortest-path hop counts ``(S, N)`` of ``dtype`` from each node of ``sources (S,)``; -1 =
+    unreachable (or farther than ``max_depth``); 0 at the source itself. ``dtype`` must hold the
+    largest distance (``torch.int8`` suffices for ``max_depth`` ≤ 127 and saves memory)."""
+    if max_depth is not None and max_depth > torch.iinfo(dtype).max:
+        raise ValueError(f"max_depth={max_depth} does not fit {dtype}")
     a = adjacency(edge_index, num_nodes)
-    out = torch.full((sources.numel(), num_nodes), -1, dtype=torch.int64, device=edge_index.device)
+    out = torch.full((sources.numel(), num_nodes), -1, dtype=dtype, device=edge_index.device)
     limit = num_nodes if max_depth is None else max_depth
     for lo in range(0, sources.numel(), chunk):  # bounded memory: chunk × N per step
         src = sources[lo : lo + chunk]

@@ -99,10 +99,10 @@ class PairwiseDistance(PretextTask):
     def prepare(self, data: Data, generator: torch.Generator) -> None:
         n = data.num_nodes
         sources = random_subset(torch.arange(n, device=data.edge_index.device), self.max_sources, generator)
-        dist = bfs_distances(data.edge_index, n, sources, max_depth=3)
-        cls = torch.where(dist < 0, torch.full_like(dist, 4), dist)  # 0 = self, 1..3, 4 = farther
+        cls = bfs_distances(data.edge_index, n, sources, max_depth=3, dtype=torch.int8)
+        cls[cls < 0] = 4  # 0 = self, 1..3, 4 = farther or unreachable (in place: S × N bytes in all)
         self.register_buffer("sources", sources, persistent=False)
-        self.register_buffer("dist_class", cls.to(torch.int8), persistent=False)
+        self.register_buffer("dist_class", cls, persistent=False)
         self.pools = [torch.nonzero(cls.flatten() == d).flatten() for d in (1, 2, 3)]
 
     def sample_pairs(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:

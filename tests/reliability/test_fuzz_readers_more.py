@@ -458,6 +458,29 @@ def _geom_not_a_mol() -> None:
     assert outcome(lambda d: read_geom_pickle(d / "m.pickle"), {"m.pickle": data}) is None
 
 
+def _text_reader(kind: str, text: str) -> Callable[[], None]:
+    def check() -> None:
+        from threefold.datasets.proteins import read_pdb_ca
+        from threefold.datasets.qm9 import read_qm9_xyz
+
+        readers = {"pdb": read_pdb_ca, "qm9": read_qm9_xyz}
+        if kind == "cif":
+            pytest.importorskip("ase")
+            from threefold.datasets.crystals import read_cif
+
+            readers["cif"] = read_cif
+        data = text.encode("utf-8").replace("\xff".encode(), b"\xff")  # "\xff" -> one raw, non-UTF-8 byte
+        assert outcome(lambda d: readers[kind](d / "f.txt"), {"f.txt": data}) is None
+    return check
+
+
+def _tu_empty_indicator() -> None:
+    from threefold.datasets.tu import load_tu
+
+    files = {"G_A.txt": b"1, 2\n", "G_graph_indicator.txt": b"", "G_graph_labels.txt": b"1\n"}
+    assert outcome(lambda d: load_tu(d, "G"), files) is None
+
+
 KNOWN_BUGS = {
     "planetoid-csr-indices": (_planetoid_bad_csr_in_child, "csr with an out-of-range column index: heap "
                               "corruption in scipy toarray() (validate with check_format(full_check=True) first)"),
@@ -468,6 +491,13 @@ KNOWN_BUGS = {
     "mmcif-not-a-number": (_mmcif("6.071", "6.0x1"), "ValueError from float() escapes"),
     "mmcif-quote": (_mmcif("ATOM 2 CA", "ATOM 2 'CA"), "ValueError from shlex (unbalanced quote) escapes"),
     "geom-not-a-mol": (_geom_not_a_mol, "rd_mol = 3: AttributeError escapes"),
+    "pdb-nan": (_text_reader("pdb", PDB.replace("   6.071", "     nan")), "NaN coordinate accepted"),
+    "pdb-not-utf8": (_text_reader("pdb", PDB + "\xff\n"), "UnicodeDecodeError escapes"),
+    "qm9-not-utf8": (_text_reader("qm9", QM9_WATER + "\xff"), "UnicodeDecodeError escapes"),
+    "qm9-nan-property": (_text_reader("qm9", QM9_WATER.replace("786.3", "nan")), "NaN property accepted"),
+    "qm9-bad-index": (_text_reader("qm9", QM9_WATER.replace("gdb 3", "gdb x")), "ValueError from int() escapes"),
+    "cif-not-utf8": (_text_reader("cif", CIF + "\xff"), "UnicodeDecodeError escapes"),
+    "tu-empty-indicator": (_tu_empty_indicator, "empty graph_indicator: ValueError from min() escapes"),
 }
 
 

@@ -56,8 +56,11 @@ from threefold.medical.segmentation.threshold import apply_region_thresholds, fi
 from threefold.medical.segmentation.unet import Isensee2017UNet
 from threefold.pipelines.config import RunConfig, config_from_dict, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint
-from threefold.pipelines.metrics.volume import SegmentationOverlapMetrics
+from threefold.pipelines.metrics.volume import HD95_CONVENTIONS, SegmentationOverlapMetrics
 from threefold.pipelines.registry import Pipeline, register_pipeline
+
+
+HD95 = HD95_CONVENTIONS["directed"]  # the shared accumulator's key: MONAI's max of the directed HD95
 
 
 @dataclass
@@ -292,7 +295,7 @@ class GliomaSegmenter(L.LightningModule):
         row = {"case": batch["case"][0], "nesting_violations": int(nesting_violations(pred)[0])}
         d, h = dice(pred, target)[0], hausdorff95(pred, target, spacing)[0]
         for k, region in enumerate(REGIONS):
-            row[f"Dice/{region}"], row[f"HD95/{region}"] = float(d[k]), float(h[k])
+            row[f"Dice/{region}"], row[f"{HD95}/{region}"] = float(d[k]), float(h[k])
         self.rows.append(row)
 
     def on_test_epoch_end(self) -> None:
@@ -350,7 +353,7 @@ def threshold_baseline(dm: BratsDataModule) -> list[dict[str, Any]]:
         d, h = dice(pred, target)[0], hausdorff95(pred, target, s["spacing"].tolist())[0]
         row = {"case": s["case"], "nesting_violations": int(nesting_violations(pred)[0])}
         for k, region in enumerate(REGIONS):
-            row[f"Dice/{region}"], row[f"HD95/{region}"] = float(d[k]), float(h[k])
+            row[f"Dice/{region}"], row[f"{HD95}/{region}"] = float(d[k]), float(h[k])
         rows.append(row)
     return rows
 

@@ -224,6 +224,12 @@ def ground_truth_surface(path: Path, voxels: np.ndarray, seed: int) -> tuple[np.
     return np.stack(pts), np.stack(nrm), "marching cubes of the 64^3 voxels"
 
 
+def _mean_of_finite(values: list[float]) -> float:
+    """Mean over the shapes that have a value (ECD is undefined for a shape without edge points)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 @torch.no_grad()
 def mesh_shapes(module: BSPNetModule, voxels: np.ndarray, ev: dict[str, Any], batch: int = 8) -> list[BSPMesh]:
     """Exact BSP meshes of (N, 64, 64, 64[, 1]) voxel shapes with the final-phase model."""
@@ -277,7 +283,7 @@ def evaluate_shapes(module: BSPNetModule, data_path: Path, out_dir: Path, ev: di
         "ground_truth": gt_source,
         "cd_x1000": summary.get(key, float("nan")) * 1000,
         "nc": summary.get("NC", float("nan")),
-        "ecd_x1000": float(np.nanmean([r["ecd_x1000"] for r in meshed])) if meshed else float("nan"),
+        "ecd_x1000": _mean_of_finite([r["ecd_x1000"] for r in meshed]),
         "hull_cd_x1000": float(hull_acc.compute()[key]) * 1000,
         "mean_convexes": float(np.mean([r["num_convexes"] for r in rows])),
         "mean_vertices": float(np.mean([r["num_vertices"] for r in rows])),

@@ -253,8 +253,8 @@ class _Grid:
 
     def candidates(self, q_rows: Tensor, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
         """Candidates of a block of queries ``(R, 3)`` with runs ``start, count (R, runs)``: position in
-        the sorted reference order ``(R, C)`` (0 where there is none) and squared distance ``(R, C)``
-        (inf where there is none)."""
+        the sorted reference order ``(R, C)`` (unspecified where there is none) and squared distance
+        ``(R, C)`` (inf where there is none)."""
         rows, runs = count.shape
         dev = count.device
         total = count.sum(1)
@@ -271,7 +271,9 @@ class _Grid:
         query = q_rows.index_select(0, row_of)
         flat_d2 = (cand[:, 0] - query[:, 0]).square_()
         flat_d2.add_((cand[:, 1] - query[:, 1]).square_()).add_((cand[:, 2] - query[:, 2]).square_())
-        pos = torch.zeros(rows, width, dtype=torch.long, device=dev)
+        # Padding slots of `pos` stay uninitialised: their distance is inf, so they are only ever
+        # selected for rows with fewer candidates than asked for, which the callers reject or mask.
+        pos = torch.empty(rows, width, dtype=torch.long, device=dev)
         pos.index_put_((row_of, col_of), flat_pos)
         d2 = torch.full((rows, width), float("inf"), dtype=q_rows.dtype, device=dev)
         d2.index_put_((row_of, col_of), flat_d2)
@@ -319,6 +321,9 @@ def _grid_knn_idx(q: Tensor, r: Tensor, k: int) -> Tensor:
             break
         grid = _Grid(q, r, cell)
         start, count, bound = grid.runs(q_flat[todo], todo // nq)
+        # Visit queries in cell order: neighbouring rows then read neighbouring reference runs.
+        order = start[:, 4].argsort()
+        todo, start, count, bound = todo[order], start[order], count[order], bound[order]
         failed = []
         for s, e in _blocks(count) if scan is None else [(0, len(todo))]:
             rows = todo[s:e]
@@ -358,7 +363,8 @@ def _grid_ball_query(q: Tensor, r: Tensor, radius: float, k: int) -> tuple[Tenso
     found = torch.empty(b * nq, dtype=torch.long, device=q.device)
     for s, e in _blocks(count):
         pos, d2 = grid.candidates(q_flat[s:e], start[s:e], count[s:e])
-        keys = torch.where(d2 < radius * radius, grid.sorted_local[pos], m)
+        inside = d2 < radius * radius
+        keys = torch.where(inside, grid.sorted_local[pos.masked_fill_(~inside, 0)], m)
         kk = min(k, keys.shape[1])
         first = keys.topk(kk, dim=1, largest=False, sorted=True).values
         if kk < k:

@@ -122,17 +122,6 @@ def load_molecules(data: Path | None, run_dir: Path, limit: int = 0) -> tuple[li
     return (mols[:limit] if limit else mols), str(data)
 
 
-class _Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 class TokenCollate:
     """Indices -> augmented, tokenized, padded :class:`SequenceBatch`; one vectorised tokenizer call per batch.
 
@@ -183,11 +172,14 @@ class _Subset(torch.utils.data.Dataset):
 class MoleculeTokenData(L.LightningDataModule):
     """Training molecules (augmented every batch) and held-out molecules (one fixed random rotation)."""
 
-    def __init__(self, mols, train_idx, heldout_idx, tokenizer, augment, batch_size, seed, num_workers=0) -> None:
+    def __init__(
+        self, mols, train_idx, heldout_idx, tokenizer, augment, batch_size, seed, num_workers=0, collate_cls=None
+    ) -> None:
         super().__init__()
-        self.train_collate = TokenCollate(mols, tokenizer, augment, seed)
+        collate_cls = collate_cls or TokenCollate
+        self.train_collate = collate_cls(mols, tokenizer, augment, seed)
         rotate_only = AugmentSection(rotate=True, translation_sigma=0.0, shift_cells=0, level1_delete=0.0)
-        self.eval_collate = TokenCollate(mols, tokenizer, rotate_only, seed + 1)
+        self.eval_collate = collate_cls(mols, tokenizer, rotate_only, seed + 1)
         self.train_idx, self.heldout_idx = train_idx, heldout_idx
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
@@ -435,10 +427,10 @@ def _concat_generated(parts):
 # --- pipeline -------------------------------------------------------------------------------------------------
 
 
-def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer) -> Uni3DARModule:
+def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer, num_trees: int = 1) -> Uni3DARModule:
     spec = tokenizer.spec
     model = Uni3DARConfig(
-        vocab_size=len(tokenizer.vocab), bins=spec.bins, depth=spec.depth, d_model=cfg.model.d_model,
+        vocab_size=len(tokenizer.vocab), bins=spec.bins, depth=spec.depth, num_trees=num_trees, d_model=cfg.model.d_model,
         layers=cfg.model.layers, heads=cfg.model.heads, dropout=cfg.model.dropout,
     )  # fmt: skip
     return Uni3DARModule({"config": config_to_dict(cfg), "model": model.to_dict(), "optim": asdict(cfg.optim)})

@@ -262,6 +262,7 @@ class GliomaSegmenter(L.LightningModule):
         self.net = Isensee2017UNet(len(MODALITIES), self.head.out_channels, m.base_filters, m.levels, m.dropout)
         self.overlap = SegmentationOverlapMetrics(list(REGIONS))
         self.rows: list[dict[str, Any]] = []
+        self.example: dict[str, np.ndarray] = {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 4, D, H, W) z-scored -> head scores (B, K, D, H, W)."""
@@ -297,6 +298,16 @@ class GliomaSegmenter(L.LightningModule):
         for k, region in enumerate(REGIONS):
             row[f"Dice/{region}"], row[f"{HD95}/{region}"] = float(d[k]), float(h[k])
         self.rows.append(row)
+        if batch_idx == 0:  # one axial slice for the report: the one with the most tumour
+            truth = batch["label"][0]
+            k = int((truth > 0).flatten(0, 1).sum(0).argmax())
+            self.example = {
+                "case": np.asarray(batch["case"][0]),
+                "flair": batch["image"][0, MODALITIES.index("flair"), :, :, k].float().cpu().numpy(),
+                "truth": truth[:, :, k].cpu().numpy(),
+                "pred": self.head.labels(scores)[0, :, :, k].cpu().numpy(),
+                "slice": np.asarray(k),
+            }
 
     def on_test_epoch_end(self) -> None:
         means = self.overlap.compute()
@@ -412,12 +423,42 @@ class _BratsPipeline(Pipeline):
         metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
         if trainer.is_global_zero:
             _write_csv(ctx.run_dir / "cases.csv", rows)
+            if module.example:
+                np.savez(ctx.run_dir / "example_slice.npz", **module.example)
         metrics.update(summarize(rows))
         base_rows = threshold_baseline(dm)
         if trainer.is_global_zero:
             _write_csv(ctx.run_dir / "cases_threshold_baseline.csv", base_rows)
         metrics.update(summarize(base_rows, prefix="threshold_baseline/"))
         return metrics
+
+    def figures(self, cfg: BratsConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Loss curve and the mean Dice / HD95 bars of the shared accumulator, then one axial slice of
+        the first held-out case: FLAIR, ground truth and prediction with WT / TC / ET contours."""
+        from threefold.pipelines.figures import default_figures, figures_dir, new_figure, save_figure
+
+        per_region = {k: v for k, v in metrics.items() if k.count("/") == 1 and k.split("/")[0] in ("Dice", HD95)}
+        paths = default_figures(run_dir, per_region)
+        example = run_dir / "example_slice.npz"
+        if not example.is_file():
+            return paths
+        ex = np.load(example)
+        fig = new_figure((9.0, 3.2))
+        # TC's outer border is ET's: a wider orange line stays visible under the red one
+        colours = {"WT": ("tab:green", 1.2), "TC": ("tab:orange", 2.8), "ET": ("tab:red", 1.0)}
+        for ax, (title, labels) in zip(fig.subplots(1, 3), (("FLAIR", None), ("ground truth", ex["truth"]), (self.name, ex["pred"]))):
+            ax.imshow(ex["flair"].T, cmap="gray", origin="lower")
+            if labels is not None:
+                for level, (region, (colour, width)) in enumerate(colours.items(), start=1):
+                    if np.any(labels >= level):
+                        ax.contour((labels >= level).T.astype(float), levels=[0.5], colors=colour, linewidths=width)
+                    ax.plot([], [], color=colour, label=region)
+                ax.legend(loc="lower right", fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+        caption = f"case {ex['case']}, axial slice k={int(ex['slice'])} (cropped grid): FLAIR, truth and prediction; WT green, TC orange, ET red"
+        paths.append(save_figure(fig, figures_dir(run_dir) / "slice_case0.png", caption))
+        return paths
 
     def run(self, cfg: BratsConfig, ctx: RunContext) -> dict[str, Any]:
         cfg = self._config(cfg)

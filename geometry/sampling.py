@@ -173,7 +173,7 @@ def _fps_dense(pts: Tensor, dmin: Tensor, num_samples: int, start: Tensor) -> Te
     return out.T.contiguous()
 
 
-def _kd_leaf_order(pts: Tensor, levels: int, n_pad: int) -> Tensor:
+def _kd_leaf_order(pts: Tensor, levels: int, n_pad: int, start: Tensor) -> Tensor:
     """Per-cloud permutation ``(B, n_pad)`` of point indices into ``2**levels`` kd-tree leaves.
 
     Every node is split at its median along its widest axis; slots past ``N`` hold index ``N`` (padding).
@@ -187,8 +187,8 @@ def _kd_leaf_order(pts: Tensor, levels: int, n_pad: int) -> Tensor:
     extent = (pts.amax(1, keepdim=True) - lo).amax(2, keepdim=True).clamp_min(torch.finfo(pts.dtype).tiny)
     quant = ((pts - lo) / extent * ((1 << 20) - 1)).long()
     order = torch.cat([torch.arange(n, device=dev).expand(b, n), torch.full((b, n_pad - n), n, device=dev)], 1)
-    # Padding slots take the quantised position of point 0; they sort somewhere and are ignored later.
-    q = quant.gather(1, order.clamp_max(n - 1)[..., None].expand(b, n_pad, d))
+    # Padding slots sit at the start point (where the caller places their coordinates too).
+    q = quant.gather(1, torch.where(order < n, order, start[:, None])[..., None].expand(b, n_pad, d))
     for level in range(levels):
         nodes = 1 << level
         view = q.view(b, nodes, -1, d)
@@ -208,7 +208,7 @@ def _fps_bucketed(pts: Tensor, dmin: Tensor, num_samples: int, start: Tensor) ->
     cap = -(-n // leaves)
     n_pad = leaves * cap
     # Inside a leaf, order by original index so that a leaf's first argmax is its lowest-index tie.
-    orig = _kd_leaf_order(pts, levels, n_pad).view(b, leaves, cap).sort(dim=2).values.view(b, n_pad)
+    orig = _kd_leaf_order(pts, levels, n_pad, start).view(b, leaves, cap).sort(dim=2).values.view(b, n_pad)
     # Padding slots (index n) repeat the start point with dmin = -inf: they never win and never widen a box.
     src = torch.where(orig < n, orig, start[:, None])
     g = b * leaves

@@ -10,6 +10,7 @@ Measures (issue #7, Sec. 5):
 
     python benchmarks/glioma.py                      # GPU when available, paper sizes
     python benchmarks/glioma.py --device cpu --patch 64 --steps 3 --case 240 240 155
+    python benchmarks/glioma.py --device cpu --patch 128 --skip-train    # CPU inference per case
 
 Needs MONAI (extra ``medical``) for DynUNet and sliding windows. Prints one table.
 """
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--case", type=int, nargs=3, default=[240, 240, 155])
     ap.add_argument("--reps", type=int, default=None, help="timed inference passes (default 5 GPU, 1 CPU)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    ap.add_argument("--skip-train", action="store_true", help="inference only (e.g. CPU at 128^3 windows)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -127,7 +129,10 @@ def main() -> None:
         ("MONAI DynUNet(res_block=True)", dynunet(1).to(device)),
     ):
         params = sum(p.numel() for p in net.parameters()) / 1e6
-        step, train_mem = bench_train(net, head, device, patch, args.batch, steps, 3 if gpu else 1, bf16)
+        if args.skip_train:
+            step, train_mem = float("nan"), "-"
+        else:
+            step, train_mem = bench_train(net, head, device, patch, args.batch, steps, 3 if gpu else 1, bf16)
         infer, infer_mem = bench_infer(net, device, args.case, patch, reps, bf16)
         rows.append((label, params, step, args.batch / step, train_mem, infer, infer_mem))
         del net
@@ -139,6 +144,7 @@ def main() -> None:
         print(f"| {label} | {params:.2f} | {step * 1e3:.1f} | {tput:.2f} | {tmem} | {infer:.3f} | {imem} |")
     ours, ref = rows[0], rows[1]
     print(f"ratio threefold / DynUNet: train step {ours[2] / ref[2]:.2f}x, inference {ours[5] / ref[5]:.2f}x (lower is faster)")
+    print(f"# threads: torch {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """QM9 readers (Ramakrishnan et al., Sci. Data 1, 140022, 2014): the original extended-XYZ files
-``dsgdb9nsd_NNNNNN.xyz`` and the SDF + CSV form (``gdb9.sdf`` + ``gdb9.sdf.csv``, MoleculeNet).
+``dsgdb9nsd_NNNNNN.xyz``, the SDF + CSV form (``gdb9.sdf`` + ``gdb9.sdf.csv``, MoleculeNet) and
+the CSV form with coordinates (``structures.csv``: one row per atom, columns ``molecule_name,
+atom_index, atom, x, y, z``, as distributed with the CHAMPS scalar-coupling data derived from QM9).
 
 Original per-molecule file (the paper's Table 2)::
 
@@ -104,6 +106,39 @@ def read_qm9_sdf_csv(sdf: Path, csv_path: Path | None = None) -> list[dict[str, 
             raise DataFormatError(f"{csv_path}: no row with mol_id {m['name']!r} (record {m['index']} of {sdf.name})")
         m["props"] = {**m.get("props", {}), **{k: float(v) for k, v in row.items() if k != "mol_id"}}
     return mols
+
+
+def read_qm9_structures_csv(path: Path) -> list[dict[str, Any]]:
+    """The per-atom CSV form -> molecule samples in order of first appearance; within a molecule the
+    atoms are ordered by ``atom_index``, which must run 0..n-1 without gaps or repeats."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: QM9 structures CSV not found")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"molecule_name", "atom_index", "atom", "x", "y", "z"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise DataFormatError(f"{path}: columns {reader.fieldnames}; expected {sorted(need)}")
+        rows = list(reader)
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        groups.setdefault(r["molecule_name"], []).append(r)
+    out = []
+    for name, rs in groups.items():
+        rs.sort(key=lambda r: int(r["atom_index"]))
+        if [int(r["atom_index"]) for r in rs] != list(range(len(rs))):
+            raise DataFormatError(f"{path}: molecule {name!r} has atom_index values that do not run 0..{len(rs) - 1}")
+        bad = [r["atom"] for r in rs if r["atom"] not in _SYMBOLS]
+        if bad:
+            raise DataFormatError(f"{path}: molecule {name!r}: element {bad[0]!r} is not one of QM9's H C N O F")
+        out.append({
+            "numbers": np.array([_SYMBOLS[r["atom"]] for r in rs], np.int64),
+            "positions": np.array([[float(r[k]) for k in "xyz"] for r in rs], np.float32),
+            "props": {},
+            "smiles": "",
+            "name": name,
+        })  # fmt: skip
+    return out
 
 
 @register_dataset("qm9", "QM9 molecules from a folder of dsgdb9nsd_*.xyz (seeded 80/10/10 split)", modality="molecule")

@@ -117,8 +117,14 @@ def load_molecules(data: Path | None, run_dir: Path, limit: int = 0) -> tuple[li
         mols = read_sdf(data, sanitize=False)
     elif data.suffix.lower() == ".xyz":
         mols = [{"numbers": z, "positions": p.astype(np.float32)} for z, p in read_xyz_frames(data)]
+    elif data.suffix.lower() == ".csv":
+        from threefold.datasets.qm9 import read_qm9_structures_csv
+
+        mols = read_qm9_structures_csv(data)
     else:
-        raise DataFormatError(f"--data {data}: expected a QM9 folder, an .sdf or a plain multi-frame .xyz file")
+        raise DataFormatError(
+            f"--data {data}: expected a QM9 folder, an .sdf, a plain multi-frame .xyz or a QM9 structures .csv"
+        )
     return (mols[:limit] if limit else mols), str(data)
 
 

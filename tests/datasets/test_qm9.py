@@ -93,3 +93,30 @@ def test_qm9_dataset_splits(tmp_path):
     names = [p[i]["name"] for p in parts for i in range(len(p))]
     assert sorted(names) == sorted(f"gdb_{i}" for i in range(1, 21))  # disjoint and complete
     assert parts[0][0]["positions"].dtype == torch.float32 and len(QM9(tmp_path, "all")) == 20
+
+
+def test_structures_csv_form(tmp_path):
+    from threefold.datasets.qm9 import read_qm9_structures_csv
+
+    lines = ["molecule_name,atom_index,atom,x,y,z"]
+    rows = METHANE.splitlines()[2:7]
+    for i in (2, 0, 4, 1, 3):  # shuffled rows: the reader orders by atom_index
+        sym, x, y, z = rows[i].split()[:4]
+        lines.append(f"dsgdb9nsd_000001,{i},{sym},{x},{y},{z}")
+    lines.append("dsgdb9nsd_000002,0,O,0.0,0.0,0.0")
+    p = tmp_path / "structures.csv"
+    p.write_text("\n".join(lines) + "\n")
+    mols = read_qm9_structures_csv(p)
+    assert [m["name"] for m in mols] == ["dsgdb9nsd_000001", "dsgdb9nsd_000002"]
+    ref = read_qm9_xyz(_write(tmp_path, METHANE))
+    np.testing.assert_allclose(mols[0]["positions"], ref["positions"], atol=1e-6)
+    assert mols[0]["numbers"].tolist() == ref["numbers"].tolist()
+    p.write_text("\n".join(lines[:3] + ["dsgdb9nsd_000001,0,C,0,0,0"]) + "\n")
+    with pytest.raises(DataFormatError, match="atom_index"):
+        read_qm9_structures_csv(p)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "dsgdb9nsd_000001.xyz"
+    p.write_text(text)
+    return p

@@ -38,7 +38,7 @@ BUCKETED_MIN_POINTS = 32768
 #: Use the Triton kernel (geometry/fps_triton.py) for float32 3-D clouds on CUDA when Triton is installed.
 USE_TRITON = True
 #: Points per kd-tree leaf in the bucketed strategy.
-LEAF_SIZE = 64
+LEAF_SIZE = 128
 # A leaf is skipped only if its box distance exceeds (1 + margin) times its largest dmin: rounding in
 # float32 is ~1e-7 relative, so 1e-4 can never skip a leaf that a rounded distance would update.
 _PRUNE_MARGIN = 1.0 + 1e-4

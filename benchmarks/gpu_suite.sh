@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: every `gpu`-marked test and the GPU benchmarks, from the repository root of a checkout on a
 # CUDA machine that has torch, torch-geometric and Lightning but not threefold's heavy extras.
-#   bash benchmarks/gpu_suite.sh OUT_DIR [benchmark ...]
+#   bash benchmarks/gpu_suite.sh OUT_DIR ["benchmark [args]" ...]     e.g. "pointops --device cuda"
 # Pure-Python wheels that machine lacks (monai, nibabel) may be put in .whl/ beforehand; they are installed
 # into a private folder. threefold itself is imported from this checkout (the repository root is the package).
 set -uo pipefail
@@ -21,8 +21,10 @@ export PYTHONPATH="$site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/gpu-tests.log"
-for bench in "$@"; do
-  echo "== benchmarks/$bench.py"
-  timeout 900 python3 "benchmarks/$bench.py" > "$out/bench-$bench.txt" 2>&1
+for entry in "$@"; do
+  read -r bench args <<< "$entry"
+  echo "== benchmarks/$bench.py $args"
+  # shellcheck disable=SC2086  # args are words on purpose
+  timeout 900 python3 "benchmarks/$bench.py" $args > "$out/bench-$bench.txt" 2>&1
   tail -40 "$out/bench-$bench.txt"
 done

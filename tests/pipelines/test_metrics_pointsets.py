@@ -17,7 +17,7 @@ def _brute(x, nx, y, ny, squared, reduction, threshold):
         dx, dy = dx**2, dy**2
     cd = dx.mean() + dy.mean()
     cd = cd / 2 if reduction == "mean" else cd
-    p, r = (d.min(1) <= threshold).mean(), (d.min(0) <= threshold).mean()
+    p, r = (d.min(1) < threshold).mean(), (d.min(0) < threshold).mean()
     f = 0.0 if p + r == 0 else 2 * p * r / (p + r)
     unit = lambda n: n / np.linalg.norm(n, axis=1, keepdims=True)  # noqa: E731
     nx, ny = unit(nx), unit(ny)

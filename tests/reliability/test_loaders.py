@@ -101,3 +101,17 @@ def test_rng_state_round_trips_through_weights_only_serialisation(tmp_path):
     cb.on_train_start(None, None)
     got = (random.random(), np.random.randn(3), torch.rand(3))
     assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+@pytest.mark.gpu
+def test_cuda_generator_state_is_restored():
+    cb = ResumeStateCallback()
+    torch.cuda.manual_seed_all(11)
+    torch.rand(1, device="cuda")  # initialises CUDA so the callback records its generators
+    state = cb.state_dict()
+    assert "cuda" in state
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(12)
+    cb.load_state_dict(state)
+    cb.on_train_start(None, None)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

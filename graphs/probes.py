@@ -4,7 +4,8 @@
   scikit-learn's objective ``Σ CE + ||W||²/(2C)``, fitted full-batch by L-BFGS in torch.
 - :func:`mlp_probe` — the IsoC-VGAE reference's node classifier: an MLP with 4 hidden layers of
   width D/2 (BatchNorm, ReLU), input dropout 0.5, Adam (lr 1e-3), mini-batches of 512, up to 50
-  epochs with early stopping on validation accuracy (patience 10); test accuracy at the best epoch.
+  epochs with early stopping on validation accuracy (patience 10); test accuracy at the best epoch;
+  inputs standardised by default (see the function).
 - :func:`svm_probe` — scikit-learn SVC (RBF) with C chosen on the validation set (graph classification).
 - :class:`HadamardLinkProbe` / :func:`dot_product_scores` — link scoring from ``h_u ⊙ h_v`` with an
   MLP (the reference's LinkPredictor) or the inner product (the VGAE decoder).
@@ -79,12 +80,19 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, num_hidden: int, dropout: float
 
 def mlp_probe(
     emb: Tensor, y: Tensor, train: Tensor, val: Tensor, test: Tensor, generator: torch.Generator,
-    epochs: int = 50, patience: int = 10, batch_size: int = 512, dropout: float = 0.5,
+    epochs: int = 50, patience: int = 10, batch_size: int = 512, dropout: float = 0.5, standardise: bool = True,
 ) -> dict[str, float]:
     """The reference's MLP node classifier (see module docstring). ``train/val/test`` are index
     tensors. Initialisation and dropout draw from torch's global RNG inside a fork seeded from
-    ``generator``, so the probe is reproducible and leaves the caller's RNG state untouched."""
+    ``generator``, so the probe is reproducible and leaves the caller's RNG state untouched.
+
+    ``standardise`` z-scores the embedding with the training nodes' statistics first (the reference
+    feeds raw embeddings; then an embedding of small scale, e.g. an untrained encoder's, meets
+    BatchNorm running statistics that have not caught up after a few dozen steps, and the eval-mode
+    classifier collapses to one class — a probe artefact, not a property of the embedding)."""
     emb = emb.detach()
+    if standardise:
+        emb = _standardise(emb[train], emb)[1]
     d = emb.shape[1]
     devices = [emb.device] if emb.is_cuda else []
     with torch.random.fork_rng(devices=devices):

@@ -55,7 +55,8 @@ def test_planetoid_isocvgae_default(tmp_path, threefold):
     assert out.returncode == 0, out.stderr[-3000:]
     m, run = _metrics(tmp_path / "runs", "planetoid-isocvgae")
     assert m["dataset"] == "sbm" and m["seeds"] == [0, 1]
-    for key in ("node/linear[public]", "node/linear[full]", "node/mlp[full]", "link/dot[ROC-AUC]", "link/hadamard-mlp[AP]"):
+    for key in ("node/linear[public]", "node/linear[full]", "node/mlp[full]", "node/mlp-raw[full]", "link/dot[ROC-AUC]",
+                "link/hadamard-mlp[AP]"):
         _check_table(m["tables"][key], {"isocvgae", "random-init", "pyg-vgae"})
     _check_table(m["tables"]["node/supervised[public]"], {"gcn"})
     assert (run / "results.md").read_text().startswith("| metric |")

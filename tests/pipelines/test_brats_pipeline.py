@@ -61,6 +61,11 @@ def test_multilevel_trains_nested_and_writes_submission(tmp_path):
 
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.load(ckpt, weights_only=True)
+    # `threefold eval` regenerates the same phantoms and split from the stored config
+    assert main(["eval", "brats-multilevel", "--checkpoint", str(ckpt), "--runs-dir", str(tmp_path / "eval")]) == 0
+    (eval_run,) = (tmp_path / "eval" / "brats-multilevel-eval").iterdir()
+    again = json.loads((eval_run / "metrics.json").read_text())
+    assert again["Dice/ET/mean"] == pytest.approx(metrics["Dice/ET/mean"], abs=1e-6)
     cases = tmp_path / "cases"
     write_brats2018_phantoms(cases, 2, seed=5, shape=(40, 40, 40))
     out = tmp_path / "pred"

@@ -396,6 +396,40 @@ def test_fuzz_geom_pickle(damage, mol):
         assert out is None
 
 
+# --------------------------------------------------------------------------- MSD dataset.json
+MSD_JSON = """{
+  "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+  "training": [
+    {"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"},
+    {"image": "./imagesTr/BRATS_002.nii.gz", "label": "./labelsTr/BRATS_002.nii.gz"}
+  ]
+}
+"""
+
+
+def _msd_cases(folder: Path):
+    """The Medical Segmentation Decathlon layout (Antonelli et al. 2022): dataset.json lists
+    image / label paths relative to the task folder. Only the case list is read here."""
+    from threefold.datasets.brats import list_cases
+
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir()
+        for case in ("BRATS_001", "BRATS_002"):
+            (folder / sub / f"{case}.nii.gz").write_bytes(b"")
+    return list_cases(folder, "msd")
+
+
+@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): list_cases lets JSON / Key / Type errors escape")
+@FUZZ
+@given(damage=TEXT_DAMAGE)
+def test_fuzz_msd_dataset_json(damage):
+    out = outcome(_msd_cases, {"dataset.json": damage_text(MSD_JSON, damage)})
+    if damage[0] == "none":
+        assert out is not None and [c.name for c in out] == ["BRATS_001", "BRATS_002"]
+    if out is not None:
+        assert all(c.images[0].name.endswith(".nii.gz") for c in out)
+
+
 # ------------------------------------------------------------------------- known bugs, minimal inputs
 def _planetoid_bad_csr_in_child() -> None:
     """A csr feature matrix whose column index lies far outside its shape, loaded in a child process
@@ -481,6 +515,15 @@ def _tu_empty_indicator() -> None:
     assert outcome(lambda d: load_tu(d, "G"), files) is None
 
 
+def _msd(text: str) -> Callable[[], None]:
+    def check() -> None:
+        with tempfile.TemporaryDirectory() as outside:
+            (Path(outside) / "secret.nii.gz").write_bytes(b"")
+            body = text.replace("OUTSIDE", outside).replace("UP", "../" + Path(outside).name)
+            assert outcome(_msd_cases, {"dataset.json": body.encode()}) is None
+    return check
+
+
 KNOWN_BUGS = {
     "planetoid-csr-indices": (_planetoid_bad_csr_in_child, "csr with an out-of-range column index: heap "
                               "corruption in scipy toarray() (validate with check_format(full_check=True) first)"),
@@ -498,6 +541,14 @@ KNOWN_BUGS = {
     "qm9-bad-index": (_text_reader("qm9", QM9_WATER.replace("gdb 3", "gdb x")), "ValueError from int() escapes"),
     "cif-not-utf8": (_text_reader("cif", CIF + "\xff"), "UnicodeDecodeError escapes"),
     "tu-empty-indicator": (_tu_empty_indicator, "empty graph_indicator: ValueError from min() escapes"),
+    "msd-not-json": (_msd("{"), "JSONDecodeError escapes"),
+    "msd-entry-without-image": (_msd('{"training": [{"label": "labelsTr/BRATS_001.nii.gz"}]}'), "KeyError escapes"),
+    "msd-entry-not-a-dict": (_msd('{"training": ["x"]}'), "TypeError escapes"),
+    "msd-top-level-list": (_msd("[]"), "AttributeError escapes"),
+    "msd-absolute-path": (_msd('{"training": [{"image": "OUTSIDE/secret.nii.gz", "label": "OUTSIDE/secret.nii.gz"}]}'),
+                          "an absolute image path outside the task folder is followed"),
+    "msd-dotdot-path": (_msd('{"training": [{"image": "UP/secret.nii.gz", "label": "UP/secret.nii.gz"}]}'),
+                        "a ../ image path outside the task folder is followed"),
 }
 
 

@@ -146,18 +146,8 @@ def _planar_polygons(vertices: np.ndarray, triangles: np.ndarray, normals: np.nd
     return polygons
 
 
-def convex_polytope(halfspaces: np.ndarray, bound: float | None = 0.5, index: int = -1) -> ConvexPart | None:
-    """Build the closed convex polytope ``{x : a x + b y + c z + d <= 0 for every row}`` exactly.
-
-    Args:
-        halfspaces: (K, 4) float planes ``(a, b, c, d)``; any scale (rows are normalised here).
-        bound: clip to ``[-bound, bound]^3`` (``None``: no clipping; then the region must be bounded).
-        index: stored in the result (the convex's column of ``T``).
-
-    Returns:
-        The :class:`ConvexPart`, or ``None`` when the region is empty or flat (inradius below
-        :data:`MIN_INRADIUS`).
-    """
+def _prepared_halfspaces(halfspaces: np.ndarray, bound: float | None, index: int) -> np.ndarray | None:
+    """Unit-normal rows plus the clipping box; ``None`` when a zero-normal row excludes everything."""
     hs = np.asarray(halfspaces, dtype=np.float64).reshape(-1, 4)
     norms = np.linalg.norm(hs[:, :3], axis=1)
     null = norms < 1e-12
@@ -168,11 +158,58 @@ def convex_polytope(halfspaces: np.ndarray, bound: float | None = 0.5, index: in
         hs = np.concatenate([hs, _box_halfspaces(bound)])
     if len(hs) < 4:
         raise DataFormatError(f"convex {index}: {len(hs)} half-spaces cannot bound a 3D polytope (need >= 4)")
-    center, radius = chebyshev_center(hs)
+    return hs
+
+
+def chebyshev_centers(halfspace_sets: list[np.ndarray], bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """Chebyshev centres and radii of many bounded regions in one block-diagonal linear programme.
+
+    Each region's radius is a free variable (negative when the region is empty), so the joint
+    programme is always feasible and its optimum is every block's own optimum (the objective is a
+    sum of independent terms). One solver call instead of one per convex: the per-call overhead of
+    ``linprog`` dominated extraction time. Returns centres (n, 3) and radii (n,).
+    """
+    from scipy.sparse import block_diag
+
+    blocks = [np.c_[hs[:, :3], np.ones(len(hs))] for hs in halfspace_sets]
+    n = len(blocks)
+    cost = np.tile([0.0, 0.0, 0.0, -1.0], n)
+    rhs = np.concatenate([-hs[:, 3] for hs in halfspace_sets])
+    box = [(-bound - 1, bound + 1)] * 3 + [(-10.0, 10.0)]
+    res = linprog(cost, A_ub=block_diag(blocks, format="csr"), b_ub=rhs, bounds=box * n, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"Chebyshev-centre linear programme failed: {res.message}")
+    x = res.x.reshape(n, 4)
+    return x[:, :3], x[:, 3]
+
+
+def convex_polytope(
+    halfspaces: np.ndarray, bound: float | None = 0.5, index: int = -1, interior: tuple[np.ndarray, float] | None = None
+) -> ConvexPart | None:
+    """Build the closed convex polytope ``{x : a x + b y + c z + d <= 0 for every row}`` exactly.
+
+    Args:
+        halfspaces: (K, 4) float planes ``(a, b, c, d)``; any scale (rows are normalised here).
+        bound: clip to ``[-bound, bound]^3`` (``None``: no clipping; then the region must be bounded).
+        index: stored in the result (the convex's column of ``T``).
+        interior: a precomputed Chebyshev centre and radius of the (normalised, clipped) rows.
+
+    Returns:
+        The :class:`ConvexPart`, or ``None`` when the region is empty or flat (inradius below
+        :data:`MIN_INRADIUS`).
+    """
+    hs = _prepared_halfspaces(halfspaces, bound, index)
+    if hs is None:
+        return None
+    center, radius = chebyshev_center(hs) if interior is None else interior
     if np.isinf(radius):
         raise DataFormatError(f"convex {index}: the half-spaces leave the region unbounded; pass bound=")
     if radius < MIN_INRADIUS:
         return None
+    return _polytope(hs, center, index)
+
+
+def _polytope(hs: np.ndarray, center: np.ndarray, index: int) -> ConvexPart:
     points = HalfspaceIntersection(hs, center).intersections
     hull = ConvexHull(points)
     used = hull.vertices
@@ -232,16 +269,26 @@ def extract_bsp_mesh(
         raise DataFormatError(f"extract_bsp_mesh: planes must be (4, p) and T (p, c); got {P.T.shape} and {Tn.shape}")
     mesh = BSPMesh()
     members: list[np.ndarray] = []
+    candidates, prepared = [], []
     for i in np.flatnonzero((Tn > T_THRESHOLD).any(0)):
-        own = P[Tn[:, i] > T_THRESHOLD]
-        part = convex_polytope(own, bound=bound, index=int(i))
-        if part is None:
+        hs = _prepared_halfspaces(P[Tn[:, i] > T_THRESHOLD], bound, int(i))
+        if hs is None:
             mesh.degenerate.append(int(i))
+        else:
+            candidates.append(int(i))
+            prepared.append(hs)
+    centers, radii = chebyshev_centers(prepared, bound) if prepared else (np.zeros((0, 3)), np.zeros(0))
+    for i, hs, center, radius in zip(candidates, prepared, centers, radii):
+        if radius < MIN_INRADIUS:
+            mesh.degenerate.append(i)
             continue
+        part = _polytope(hs, center, i)
+        own = P[Tn[:, i] > T_THRESHOLD]
         inside = _grid_members(own, part, resolution)
         if len(inside):
             mesh.parts.append(part)
             members.append(inside)
+    mesh.degenerate.sort()
     if remove_redundant and mesh.parts:
         count = np.zeros(resolution**3, dtype=np.int64)
         for idx in members:

@@ -430,6 +430,28 @@ def test_fuzz_msd_dataset_json(damage):
         assert all(c.images[0].name.endswith(".nii.gz") for c in out)
 
 
+# ------------------------------------------------------------------------------- meshes (OFF, OBJ)
+MESHES = {  # a tetrahedron, outward-facing triangles, in the OFF (Princeton) and Wavefront OBJ layouts
+    "m.off": "OFF\n4 4 0\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 2 1\n3 0 1 3\n3 0 3 2\n3 1 2 3\n",
+    "m.obj": "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n",
+}
+
+
+@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): load_mesh lets trimesh's errors escape")
+@FUZZ
+@given(name=st.sampled_from(sorted(MESHES)), damage=TEXT_DAMAGE)
+def test_fuzz_mesh(name, damage):
+    pytest.importorskip("trimesh")
+    from threefold.datasets.mesh_prepare import load_mesh
+
+    got = outcome(lambda d: load_mesh(d / name), {name: damage_text(MESHES[name], damage)})
+    if damage[0] == "none":
+        assert got is not None and got[0].shape == (4, 3) and got[1].shape == (4, 3)
+    if got is not None:
+        verts, faces = got
+        assert np.isfinite(verts).all() and faces.min() >= 0 and faces.max() < len(verts)
+
+
 # ------------------------------------------------------------------------- known bugs, minimal inputs
 def _planetoid_bad_csr_in_child() -> None:
     """A csr feature matrix whose column index lies far outside its shape, loaded in a child process
@@ -524,6 +546,15 @@ def _msd(text: str) -> Callable[[], None]:
     return check
 
 
+def _mesh(name: str, old: str, new: str) -> Callable[[], None]:
+    def check() -> None:
+        pytest.importorskip("trimesh")
+        from threefold.datasets.mesh_prepare import load_mesh
+
+        assert outcome(lambda d: load_mesh(d / name), {name: MESHES[name].replace(old, new, 1).encode()}) is None
+    return check
+
+
 KNOWN_BUGS = {
     "planetoid-csr-indices": (_planetoid_bad_csr_in_child, "csr with an out-of-range column index: heap "
                               "corruption in scipy toarray() (validate with check_format(full_check=True) first)"),
@@ -549,6 +580,11 @@ KNOWN_BUGS = {
                           "an absolute image path outside the task folder is followed"),
     "msd-dotdot-path": (_msd('{"training": [{"image": "UP/secret.nii.gz", "label": "UP/secret.nii.gz"}]}'),
                         "a ../ image path outside the task folder is followed"),
+    "mesh-off-nan-vertex": (_mesh("m.off", "1 0 0\n", "nan 0 0\n"),
+                            "a NaN vertex is dropped with its 3 faces: silent partial mesh (1 of 4 triangles)"),
+    "mesh-off-bad-index": (_mesh("m.off", "3 0 2 1", "3 0 2 99"), "ValueError from trimesh escapes"),
+    "mesh-off-huge-count": (_mesh("m.off", "4 4 0", f"{HUGE} 4 0"), "ValueError from trimesh escapes"),
+    "mesh-obj-bad-index": (_mesh("m.obj", "f 1 3 2", "f 1 3 99"), "IndexError from trimesh escapes"),
 }
 
 

@@ -20,6 +20,11 @@ Without ``--data`` the embedded sample is generated: synthetic brain phantoms
 (:mod:`threefold.datasets.brain_phantoms`) written in the BraTS 2018 layout under
 ``run_dir/data`` and read back by the real reader. They are synthetic, not MRI.
 
+Distributed runs: Lightning's ``DistributedSampler`` gives every rank its own share of the epoch's
+patch indices; held-out cases are spread over the ranks, the sampler's padding repeats are skipped
+(:func:`~threefold.pipelines.metrics.distributed.batch_real_mask`), the accumulator sums across
+ranks and the per-case rows are gathered, so every case is scored exactly once.
+
 Augmentations are tensor / array ops here rather than MONAI transforms, so training runs where MONAI
 is not installed (the GPU image); sliding-window inference uses MONAI.
 """
@@ -56,6 +61,7 @@ from threefold.medical.segmentation.threshold import apply_region_thresholds, fi
 from threefold.medical.segmentation.unet import Isensee2017UNet
 from threefold.pipelines.config import RunConfig, config_from_dict, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint
+from threefold.pipelines.metrics.distributed import batch_real_mask
 from threefold.pipelines.metrics.volume import HD95_CONVENTIONS, SegmentationOverlapMetrics
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -288,6 +294,10 @@ class GliomaSegmenter(L.LightningModule):
         return loss
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        if not bool(batch_real_mask(loader.sampler, batch_idx, 1, 1)[0]):
+            return  # a DistributedSampler's padding repeat: scored on another rank already
         scores = self.predict_volume(batch["image"])
         pred = self.head.regions(scores)
         target = ordinal_to_regions(batch["label"])
@@ -466,7 +476,8 @@ class _BratsPipeline(Pipeline):
         root = self._data_root(cfg, ctx)
         dm = BratsDataModule(root, cfg)
         module = build_module(cfg)
-        trainer = ctx.fit(module, dm, use_distributed_sampler=False, limit_val_batches=0)
+        # Lightning's DistributedSampler gives each rank its own share of the epoch's patch indices
+        trainer = ctx.fit(module, dm, limit_val_batches=0)
         if trainer.is_global_zero:
             ctx.export_weights(module.net)
         metrics = {
@@ -478,7 +489,7 @@ class _BratsPipeline(Pipeline):
             "global_step": int(trainer.global_step),
             "seed": cfg.seed,
         }
-        metrics.update(self._evaluate(module, dm, ctx, ctx.trainer(logger=False, use_distributed_sampler=False)))
+        metrics.update(self._evaluate(module, dm, ctx, ctx.trainer(logger=False)))
         return metrics
 
     def evaluate(self, cfg: BratsConfig, ctx: RunContext, checkpoint: Path) -> dict[str, Any]:
@@ -486,7 +497,7 @@ class _BratsPipeline(Pipeline):
         stored = module.cfg
         dm = BratsDataModule(self._data_root(stored, ctx), stored)
         metrics = {"pipeline": self.name, "checkpoint": str(checkpoint)}
-        metrics.update(self._evaluate(module, dm, ctx, ctx.trainer(logger=False, use_distributed_sampler=False)))
+        metrics.update(self._evaluate(module, dm, ctx, ctx.trainer(logger=False)))
         return metrics
 
     def load(self, cfg: BratsConfig, checkpoint: Path) -> GliomaPredictor:

@@ -46,9 +46,9 @@ _CONTRAST: dict[str, tuple[float, float, float, float]] = {
     "enhancing": (0.60, 0.96, 0.66, 0.70),
 }
 
-#: 1 mm isotropic, oriented like the BraTS 2018 files (i to the left, j to the posterior).
 def phantom_affine(shape: tuple[int, int, int]) -> np.ndarray:
-    """(4, 4) float64 voxel-to-world affine of a phantom of ``shape``, mm."""
+    """(4, 4) float64 voxel-to-world affine of a phantom of ``shape``, mm: 1 mm isotropic, oriented
+    like the BraTS 2018 files (i and j axes flipped, k up)."""
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     affine[1, 3] = shape[1] - 1.0
     return affine

@@ -107,7 +107,11 @@ def load_molecules(data: Path | None, run_dir: Path, limit: int = 0) -> tuple[li
         return mols, "embedded (419 QM9-like NCI molecules, RDKit ETKDG seed 42)"
     if not data.exists():
         raise MissingFileError(f"--data {data}: no such file or folder")
-    if data.is_dir():
+    if data.is_dir() and any(data.glob("*.pickle")):  # GEOM-DRUGS rdkit_folder/drugs
+        from threefold.datasets.geom_drugs import read_geom_pickle
+
+        mols = [m for p in sorted(data.glob("*.pickle")) for m in read_geom_pickle(p)]
+    elif data.is_dir():
         from threefold.datasets.qm9 import read_qm9_folder
 
         mols = read_qm9_folder(data, limit=limit or None)

@@ -187,7 +187,7 @@ class MP20Uni3DAR(Pipeline):
         out.write_text(json.dumps([None if c is None else {k: np.asarray(v).tolist() for k, v in c.items()}
                                    for c in decoded]))  # fmt: skip
         n = max(len(decoded), 1)
-        return {
+        result = {
             "num_sampled": s.num,
             "complete": float(np.mean([g.complete.mean() for g in gens])),
             "well_formed_lattice": sum(c is not None for c in decoded) / n,
@@ -195,5 +195,18 @@ class MP20Uni3DAR(Pipeline):
             "composition_validity": sum(comp) / n,
             "valid": sum(a and b for a, b in zip(struct, comp)) / n,
             "crystals_per_second": s.num / seconds,
-            "filtering": "off",
+            "filtering": "off" if s.keep_fraction >= 1.0 else f"best {s.keep_fraction:.0%} by atom perplexity",
         }
+        if s.keep_fraction < 1.0:
+            from threefold.pipelines.uni3dar import _concat_generated
+            from threefold.science.uni3dar.sampling import filter_best_fraction
+
+            kept = filter_best_fraction(_concat_generated(gens), s.keep_fraction).kept
+            k = max(int(kept.sum()), 1)
+            result["filtered"] = {
+                "num_kept": int(kept.sum()),
+                "structural_validity": sum(v for v, keep in zip(struct, kept) if keep) / k,
+                "composition_validity": sum(v for v, keep in zip(comp, kept) if keep) / k,
+                "valid": sum(a and b for a, b, keep in zip(struct, comp, kept) if keep) / k,
+            }
+        return result

@@ -43,7 +43,7 @@ def test_crystal_collate_predicts_every_corner_and_atom():
 def test_mp20_uni3dar_runs_end_to_end(tmp_path):
     overrides = ["model.d_model=32", "model.layers=1", "model.heads=2", "trainer.max_epochs=1", "trainer.batch_size=16",
                  "sample.num=4", "sample.batch_size=4", "sample.max_items=300", "trainer.accelerator=cpu",
-                 "limit_molecules=20"]  # fmt: skip
+                 "limit_molecules=20", "sample.keep_fraction=0.5"]  # fmt: skip
     assert main(["run", "mp20-uni3dar", *overrides, "--runs-dir", str(tmp_path)]) == 0
     run_dir = next((tmp_path / "mp20-uni3dar").iterdir())
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -52,6 +52,7 @@ def test_mp20_uni3dar_runs_end_to_end(tmp_path):
     atoms = sum(len(embedded_crystals()[i]["numbers"]) for i in held)
     assert m["heldout_cross_entropy"]["type"]["tokens"] == 2 * 8 + atoms  # corners + atoms
     s = m["sampling"]
-    assert s["num_sampled"] == 4 and 0 <= s["valid"] <= 1 and s["filtering"] == "off"
+    assert s["num_sampled"] == 4 and 0 <= s["valid"] <= 1 and s["filtering"] == "best 50% by atom perplexity"
+    assert s["filtered"]["num_kept"] <= 2
     assert len(json.loads((run_dir / "samples.json").read_text())) == 4
     assert len(list((run_dir / "data").glob("*.cif"))) == 68

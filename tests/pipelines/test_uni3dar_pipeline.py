@@ -123,3 +123,20 @@ def test_tokenize_verb_crystal_and_protein(tmp_path):
     trace = read_pdb_ca(decoded)
     assert trace["residues"] == ["ALA", "GLY"] * 15
     np.testing.assert_allclose(trace["positions"], ca, atol=0.005 + 1e-3)  # PDB keeps 3 decimals
+
+
+def test_geom_pickle_folder_as_data(tmp_path):
+    import pickle
+
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from threefold.pipelines.uni3dar import load_molecules
+
+    for k, smi in enumerate(["CCO", "c1ccccc1O"]):
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.EmbedMolecule(m, randomSeed=k)
+        (tmp_path / f"{k}.pickle").write_bytes(pickle.dumps({"smiles": smi, "conformers": [{"rd_mol": m}] * 2}))
+    mols, source = load_molecules(tmp_path, tmp_path / "run")
+    assert len(mols) == 4 and source == str(tmp_path)
+    assert mols[2]["numbers"].tolist() == [a.GetAtomicNum() for a in Chem.AddHs(Chem.MolFromSmiles("c1ccccc1O")).GetAtoms()]

@@ -1,9 +1,10 @@
 """Child process of test_resume.py (not a test module): trains a small point-cloud classifier on
 ragged batches through ``RunContext.fit`` and can SIGKILL itself at a given global step.
 
-argv: one or more jobs ``run_dir,loader,ckpt_every,kill_at_step,resume`` run in turn in this process;
+argv: one or more jobs ``run_dir,loader,ckpt_every,kill_at_step,resume[,devices]`` run in turn in this process;
 loader is resumable | plain | resumable-norng, kill_at_step -1 never kills, resume is 0 or 1.
-Each job writes run_dir/order.jsonl (the sample indices of every executed step) and run_dir/final.pt.
+Each job writes run_dir/order.jsonl (the sample indices of every executed step; order-rank<r>.jsonl
+under DDP) and run_dir/final.pt.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class PointClassifier(L.LightningModule):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 32))
         self.head = torch.nn.Linear(32, NUM_CLASSES)
         self.kill_at = hparams["kill_at"]
-        self.order_file = Path(hparams["run_dir"]) / "order.jsonl"
+        self.order_dir = Path(hparams["run_dir"])
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = self.mlp(torch.cat([batch["coord"], batch["feat"]], 1))
@@ -74,7 +75,8 @@ class PointClassifier(L.LightningModule):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with self.order_file.open("a") as f:
+        name = "order.jsonl" if self.trainer.world_size == 1 else f"order-rank{self.global_rank}.jsonl"
+        with (self.order_dir / name).open("a") as f:
             f.write(json.dumps({"step": self.global_step, "index": batch["index"]}) + "\n")
         batch = dict(batch, coord=batch["coord"] + 0.01 * torch.randn_like(batch["coord"]))
         weight = 1.0 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
@@ -107,12 +109,13 @@ class Data(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=6, collate_fn=collate)
 
 
-def train(run_dir: Path, loader: str, every: int, kill_at: int, resume: bool) -> None:
-    """One fit from a fresh seed (or resumed from run_dir's last.ckpt); writes run_dir/final.pt."""
+def train(run_dir: Path, loader: str, every: int, kill_at: int, resume: bool, devices: int = 1) -> None:
+    """One fit from a fresh seed (or resumed from run_dir's last.ckpt); writes run_dir/final.pt.
+    ``devices`` > 1 runs DDP over gloo on CPU (Lightning relaunches this script once per extra rank)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(3)
-    cfg = TrainerConfig(max_epochs=3, accelerator="cpu", devices=1, log_every_n_steps=1, enable_progress_bar=False,
-                        checkpoint_every_n_steps=every)
+    cfg = TrainerConfig(max_epochs=3, accelerator="cpu", devices=devices, log_every_n_steps=1, enable_progress_bar=False,
+                        checkpoint_every_n_steps=every, strategy="ddp" if devices > 1 else "auto")
     ctx = RunContext("resume-test", run_dir, cfg, resume=resume)
     module = PointClassifier({"kill_at": kill_at, "run_dir": str(run_dir)})
     restore = ResumeStateCallback.on_train_start
@@ -122,6 +125,8 @@ def train(run_dir: Path, loader: str, every: int, kill_at: int, resume: bool) ->
         trainer = ctx.fit(module, Data(loader.startswith("resumable")))
     finally:
         ResumeStateCallback.on_train_start = restore
+    if not trainer.is_global_zero:
+        return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     torch.save({"state": module.state_dict(), "metrics": metrics, "global_step": trainer.global_step}, run_dir / "final.pt")
 
@@ -129,8 +134,8 @@ def train(run_dir: Path, loader: str, every: int, kill_at: int, resume: bool) ->
 def main() -> None:
     torch.set_num_threads(1)
     for job in sys.argv[1:]:  # several fits in one process share the import cost
-        run_dir, loader, every, kill_at, resume = job.split(",")
-        train(Path(run_dir), loader, int(every), int(kill_at), resume == "1")
+        run_dir, loader, every, kill_at, resume, *devices = job.split(",")
+        train(Path(run_dir), loader, int(every), int(kill_at), resume == "1", int(devices[0]) if devices else 1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Scenarios (checkpoint cadence, step at which the process kills itself with SIGKI
 - ``epoch-end``: end-of-epoch checkpoints only, killed at 13 -> resumes at epoch 1, batch 0.
 Two negative controls show the comparison can fail: a plain shuffling ``DataLoader`` (order lost),
 and the resumable loader with the RNG restore switched off (dropout / jitter diverge).
+
+DDP (2 gloo processes on CPU): the ranks' batches are disjoint and cover each epoch, the checkpoint
+holds the mid-epoch position, and a run resumed from a mid-epoch checkpoint gives each rank the
+batches it had. (Resuming from an intermediate checkpoint stands in for the kill here: SIGKILL of
+rank 0 would leave rank 1 blocked in a collective.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +36,7 @@ import torch
 
 CHILD = Path(__file__).with_name("resume_child.py")
 TOTAL_STEPS = 30
+DDP_RESUME_STEP = 12  # 2 ranks x batch 4: 5 steps per epoch; step 12 = epoch 2 after its 2nd batch
 SCENARIOS = {  # name: (loader, checkpoint every n steps, kill at step, step the resume starts from)
     "mid-epoch": ("resumable", 3, 14, 12),
     "last-batch": ("resumable", 5, 11, 10),
@@ -55,17 +62,23 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Every run of the module: the references (one process), each killed run (one process each, in
     parallel), then every resume (one process) — 7 interpreter start-ups in all, each single-threaded."""
     root = tmp_path_factory.mktemp("resume")
-    dirs = {name: root / name for name in [*SCENARIOS, "reference", "reference-plain"]}
+    dirs = {name: root / name for name in [*SCENARIOS, "reference", "reference-plain", "ddp", "ddp-resumed"]}
     first = {name: _start(root, f"{name}.log", (dirs[name], loader, every, kill, 0))
              for name, (loader, every, kill, _) in SCENARIOS.items()}
     first["reference"] = _start(root, "reference.log", (dirs["reference"], "resumable", 3, -1, 0),
                                 (dirs["reference-plain"], "plain", 3, -1, 0))
+    first["ddp"] = _start(root, "ddp.log", (dirs["ddp"], "resumable", 4, -1, 0, 2))
     codes = {name: p.wait(timeout=600) for name, p in first.items()}
     for name, code in codes.items():
-        expected = 0 if name == "reference" else -signal.SIGKILL
+        expected = 0 if name in ("reference", "ddp") else -signal.SIGKILL
         assert code == expected, (name, code, (root / f"{name}.log").read_text()[-3000:])
-    resume = _start(root, "resume.log", *[(dirs[name], loader, every, -1, 1) for name, (loader, every, _, _) in SCENARIOS.items()])
-    assert resume.wait(timeout=600) == 0, (root / "resume.log").read_text()[-3000:]
+    (dirs["ddp-resumed"] / "checkpoints").mkdir(parents=True)
+    shutil.copy(dirs["ddp"] / "checkpoints" / f"step{DDP_RESUME_STEP}.ckpt", dirs["ddp-resumed"] / "checkpoints" / "last.ckpt")
+    second = {"resume": _start(root, "resume.log", *[(dirs[name], loader, every, -1, 1)
+                                                     for name, (loader, every, _, _) in SCENARIOS.items()]),
+              "ddp-resumed": _start(root, "ddp-resumed.log", (dirs["ddp-resumed"], "resumable", 4, -1, 1, 2))}
+    for name, p in second.items():
+        assert p.wait(timeout=600) == 0, (root / f"{name}.log").read_text()[-3000:]
     return dirs
 
 
@@ -109,3 +122,25 @@ def test_negative_controls_diverge(runs, control, reference):
     if control == "control-plain-loader":
         ref_order = dict(_steps(runs[reference]))
         assert any(ref_order[s] != idx for s, idx in _steps(runs[control])[14:])
+
+
+def _rank_steps(run_dir: Path, rank: int) -> dict[int, list[int]]:
+    rows = map(json.loads, (run_dir / f"order-rank{rank}.jsonl").read_text().splitlines())
+    return {r["step"]: r["index"] for r in rows}
+
+
+@pytest.mark.slow
+def test_ddp_shards_and_mid_epoch_resume(runs):
+    full = [_rank_steps(runs["ddp"], r) for r in (0, 1)]
+    assert sorted(full[0]) == sorted(full[1]) == list(range(15))
+    for epoch in range(3):
+        steps = range(5 * epoch, 5 * epoch + 5)
+        per_rank = [sum((full[r][s] for s in steps), []) for r in (0, 1)]
+        assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == list(range(40))
+    state = torch.load(runs["ddp"] / "checkpoints" / f"step{DDP_RESUME_STEP}.ckpt", weights_only=True)
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (loader["epoch"], loader["batches_done"], loader["num_replicas"]) == (2, 2, 2)
+    for r in (0, 1):
+        resumed = _rank_steps(runs["ddp-resumed"], r)
+        assert sorted(resumed) == list(range(DDP_RESUME_STEP, 15))
+        assert resumed == {s: full[r][s] for s in resumed}

@@ -58,6 +58,7 @@ from threefold.pipelines.config import RunConfig, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint, write_metrics
 from threefold.pipelines.loaders import ResumableDataLoader
 from threefold.pipelines.metrics import ClassificationMetrics
+from threefold.pipelines.metrics.distributed import batch_real_mask
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
 #: Parameter counts of the reference configurations (paper Table 1: 22.1 M for the fine-tuning model;
@@ -300,9 +301,16 @@ class FinetuneModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         c = self.hparams["config"]
-        points = batch["coord"]
+        loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        # Under DDP the sampler pads with repeats; the accumulators sum across ranks, so skip them.
+        real = batch_real_mask(loader.sampler, batch_idx, loader.batch_size, len(batch["category"]),
+                               device=batch["coord"].device)
+        points, target = batch["coord"][real], batch["category"][real]
+        if len(target) == 0:
+            return
         logits = self._logits(points)
-        self.test_metrics.update(logits.argmax(-1), batch["category"])
+        self.test_metrics.update(logits.argmax(-1), target)
         if c["vote_repeats"] > 0:
             gen = _step_generator(c["seed"] + 777, batch_idx, points.device)
             over = _fps_points(points, c["oversample"])
@@ -310,7 +318,7 @@ class FinetuneModule(L.LightningModule):
             for _ in range(c["vote_repeats"]):
                 keep = torch.rand(over.shape[:2], generator=gen, device=points.device).argsort(1)[:, : c["num_points"]]
                 total += self.model(index_points(over, keep))
-            self.vote_metrics.update(total.argmax(-1), batch["category"])
+            self.vote_metrics.update(total.argmax(-1), target)
 
     def on_test_epoch_end(self) -> None:
         # The accumulators sum their confusion matrices across ranks themselves: no sync_dist averaging.

@@ -4,17 +4,19 @@ Chen et al., "BSP-Net: Generating Compact Meshes via Binary Space Partitioning",
 each convex ``i`` is the intersection of the half-spaces ``a x + b y + c z + d <= 0`` of the planes
 ``j`` with ``T[j, i] > 0.01``; the shape is the union of the convexes that contain a point of the
 evaluation grid. Each convex is built exactly by half-space intersection (scipy's Qhull
-``HalfspaceIntersection``, interior point from the Chebyshev-centre linear programme) and its boundary
-by ``ConvexHull``; coplanar hull triangles are merged back into the planar polygons of the convex.
+``HalfspaceIntersection``, interior points of all convexes from one Chebyshev-centre linear
+programme); each face is the polygon of the vertices lying on one of its planes.
 
 Differences from the reference code (czq142857/BSP-NET-original, ``bspt.pyx``), and why:
 
 - the reference clips polygons in pure Python and merges nearby vertices across convexes; here each
   convex is its own closed polytope (every edge shared by exactly two faces), so per-part export and
   volume/area checks are exact, and the union is the list of parts;
-- grid membership is tested only on the grid points inside each polytope's bounding box, so the cost
-  does not grow with ``p * c * R^3`` (the reference evaluates every convex at every grid point);
-  the membership rule is the reference's (``sum_j relu(plane_j(x)) < 0.01`` over the convex's planes);
+- grid membership is tested only on the grid points inside each polytope's bounding box, and only for
+  convexes thinner than a grid cell (a convex whose inscribed ball has a radius of at least half a
+  cell diagonal always contains a cell centre), so the cost does not grow with ``p * c * R^3`` (the
+  reference evaluates every convex at every grid point); the membership rule is the reference's
+  (``sum_j relu(plane_j(x)) < 0.01`` over the convex's own planes);
 - convexes are clipped to the box ``[-bound, bound]^3`` (default 0.5, the IM-NET cube) so that a
   convex left open by the network is still a finite polytope.
 """
@@ -26,15 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.optimize import linprog
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import ConvexHull, HalfspaceIntersection
+from scipy.spatial import HalfspaceIntersection
 
 from threefold.datasets.errors import DataFormatError, require
 from threefold.geometry.bspnet.model import T_THRESHOLD
 
 #: A convex whose largest inscribed ball is thinner than this is treated as empty (zero volume).
 MIN_INRADIUS = 1e-6
+#: A vertex lies on a plane when its distance to it is below this (unit normals, unit-cube coordinates).
+VERTEX_TOLERANCE = 1e-7
 #: Reference membership tolerance: a point is in a convex when ``sum_j relu(plane_j(x)) < 0.01``.
 INSIDE_TOLERANCE = 0.01
 
@@ -125,27 +127,6 @@ def chebyshev_center(halfspaces: np.ndarray) -> tuple[np.ndarray, float]:
     return res.x[:3], float(res.x[3])
 
 
-def _planar_polygons(vertices: np.ndarray, triangles: np.ndarray, normals: np.ndarray, neighbors: np.ndarray):
-    """Merge edge-adjacent coplanar hull triangles into planar convex polygons (CCW from outside)."""
-    n_tri = len(triangles)
-    rows = np.repeat(np.arange(n_tri), 3)
-    cols = neighbors.reshape(-1)
-    coplanar = (normals[rows] * normals[cols]).sum(1) > 1 - 1e-9
-    graph = coo_matrix((np.ones(int(coplanar.sum())), (rows[coplanar], cols[coplanar])), shape=(n_tri, n_tri))
-    n_groups, label = connected_components(graph, directed=False)
-    polygons = []
-    for g in range(n_groups):
-        tris = triangles[label == g]
-        idx = np.unique(tris)
-        n = normals[label == g][0]
-        pts = vertices[idx] - vertices[idx].mean(0)
-        u = pts[np.argmax(np.linalg.norm(pts, axis=1))]
-        u = u / np.linalg.norm(u)
-        v = np.cross(n, u)
-        polygons.append(idx[np.argsort(np.arctan2(pts @ v, pts @ u))])
-    return polygons
-
-
 def _prepared_halfspaces(halfspaces: np.ndarray, bound: float | None, index: int) -> np.ndarray | None:
     """Unit-normal rows plus the clipping box; ``None`` when a zero-normal row excludes everything."""
     hs = np.asarray(halfspaces, dtype=np.float64).reshape(-1, 4)
@@ -210,19 +191,43 @@ def convex_polytope(
 
 
 def _polytope(hs: np.ndarray, center: np.ndarray, index: int) -> ConvexPart:
+    """Vertices by Qhull's half-space intersection; each face is the set of vertices on one input plane,
+    ordered counter-clockwise around that plane's outward normal and fan-triangulated, so every edge
+    of the result is shared by exactly two faces. Coincident intersection points (a vertex where more
+    than three planes meet) are merged first. Faces are built for all planes at once (no per-face
+    Python loop: the per-call overhead of small NumPy operations dominated extraction time)."""
     points = HalfspaceIntersection(hs, center).intersections
-    hull = ConvexHull(points)
-    used = hull.vertices
-    remap = np.full(len(points), -1, dtype=np.int64)
-    remap[used] = np.arange(len(used))
-    vertices = points[used]
-    tri = remap[hull.simplices]
-    normals = hull.equations[:, :3]
+    vertices = np.unique(np.round(points, 10), axis=0)
+    on_plane = np.abs(vertices @ hs[:, :3].T + hs[:, 3]) < VERTEX_TOLERANCE  # (V, K)
+    planes = np.flatnonzero(on_plane.sum(0) >= 3)
+    # duplicated planes give the same vertex set: keep one face per set, in plane order
+    _, first = np.unique(on_plane[:, planes].T, axis=0, return_index=True)
+    planes = planes[np.sort(first)]
+    mask = on_plane[:, planes]  # (V, F)
+    normals = hs[planes, :3]
+    # an in-plane basis (u, v = n x u) per face, from the axis least aligned with n
+    axis = np.eye(3)[np.argmin(np.abs(normals), axis=1)]
+    u = np.cross(normals, axis)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = np.cross(normals, u)
+    centroid = (mask.T @ vertices) / mask.sum(0)[:, None]
+    face, vert = np.nonzero(mask.T)  # pairs sorted by face
+    rel = vertices[vert] - centroid[face]
+    angle = np.arctan2((rel * v[face]).sum(1), (rel * u[face]).sum(1))
+    order = np.lexsort((angle, face))
+    face, vert = face[order], vert[order]
+    sizes = mask.sum(0)
+    starts = np.cumsum(sizes) - sizes
+    polygons = np.split(vert, starts[1:])
+    # fan triangles (first, k, k+1) of every face
+    n_tri = sizes - 2
+    tri_face = np.repeat(np.arange(len(sizes)), n_tri)
+    k = np.arange(n_tri.sum()) - np.repeat(np.cumsum(n_tri) - n_tri, n_tri)
+    base = starts[tri_face]
+    tri = np.stack([vert[base], vert[base + k + 1], vert[base + k + 2]], axis=1).astype(np.int64)
     a, b, c = vertices[tri[:, 0]], vertices[tri[:, 1]], vertices[tri[:, 2]]
-    flip = (np.cross(b - a, c - a) * normals).sum(1) < 0
-    tri[flip] = tri[flip][:, [0, 2, 1]]
-    polygons = _planar_polygons(vertices, tri, normals, hull.neighbors)
-    return ConvexPart(vertices, tri, polygons, hs, float(hull.volume), index)
+    volume = float(np.einsum("ij,ij->i", a - center, np.cross(b - center, c - center)).sum() / 6)
+    return ConvexPart(vertices, tri, polygons, hs, volume, index)
 
 
 def grid_points(resolution: int) -> np.ndarray:
@@ -231,16 +236,40 @@ def grid_points(resolution: int) -> np.ndarray:
     return np.stack(np.meshgrid(c, c, c, indexing="ij"), axis=-1)
 
 
-def _grid_members(planes: np.ndarray, part: ConvexPart, resolution: int) -> np.ndarray:
-    """Flat indices of the grid cell centres inside the convex (reference tolerance), bbox only."""
-    lo = np.clip(np.floor((part.vertices.min(0) + 0.5) * resolution - 0.5).astype(int), 0, resolution - 1)
-    hi = np.clip(np.ceil((part.vertices.max(0) + 0.5) * resolution - 0.5).astype(int), 0, resolution - 1)
-    axes = [np.arange(lo[k], hi[k] + 1) for k in range(3)]
-    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    xyz = (ijk + 0.5) / resolution - 0.5
-    violation = np.maximum(xyz @ planes[:, :3].T + planes[:, 3], 0).sum(1)
-    ijk = ijk[violation < INSIDE_TOLERANCE]
-    return np.ravel_multi_index(ijk.T, (resolution,) * 3)
+def _grid_members(planes: list[np.ndarray], parts: list[ConvexPart], resolution: int, budget: int = 2**20) -> list[np.ndarray]:
+    """Flat indices of the grid cell centres inside each convex (reference tolerance on its own,
+    unnormalised planes), testing only the cells of each polytope's bounding box. All convexes are
+    evaluated together, in groups of at most ``budget`` (cell, plane) pairs."""
+    R = resolution
+    lo = np.array([np.floor((p.vertices.min(0) + 0.5) * R - 0.5) for p in parts]).astype(np.int64).clip(0, R - 1)
+    hi = np.array([np.ceil((p.vertices.max(0) + 0.5) * R - 0.5) for p in parts]).astype(np.int64).clip(0, R - 1)
+    size = hi - lo + 1
+    count = size.prod(1)
+    kmax = np.array([len(pl) for pl in planes])
+    out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(parts)
+    start = 0
+    while start < len(parts):
+        stop = start + 1
+        while stop < len(parts) and count[start : stop + 1].sum() * kmax[start : stop + 1].max() <= budget:
+            stop += 1
+        group = np.arange(start, stop)
+        K = kmax[group].max()
+        pad = np.zeros((len(group), K, 4))  # zero rows never add a violation
+        for g, i in enumerate(group):
+            pad[g, : kmax[i]] = planes[i]
+        gid = np.repeat(np.arange(len(group)), count[group])
+        k = np.arange(len(gid)) - np.repeat(np.cumsum(count[group]) - count[group], count[group])
+        sy, sz = size[group][gid, 1], size[group][gid, 2]
+        ijk = lo[group][gid] + np.stack([k // (sy * sz), (k // sz) % sy, k % sz], axis=1)
+        xyz = (ijk + 0.5) / R - 0.5
+        violation = np.maximum(np.einsum("nd,nkd->nk", xyz, pad[gid, :, :3]) + pad[gid, :, 3], 0).sum(1)
+        inside = violation < INSIDE_TOLERANCE
+        flat = np.ravel_multi_index(ijk[inside].T, (R, R, R))
+        split = np.cumsum(np.bincount(gid[inside], minlength=len(group)))[:-1]
+        for g, idx in zip(group, np.split(flat, split)):
+            out[g] = idx
+        start = stop
+    return out
 
 
 def extract_bsp_mesh(
@@ -278,16 +307,22 @@ def extract_bsp_mesh(
             candidates.append(int(i))
             prepared.append(hs)
     centers, radii = chebyshev_centers(prepared, bound) if prepared else (np.zeros((0, 3)), np.zeros(0))
+    built, owns, fat = [], [], []
     for i, hs, center, radius in zip(candidates, prepared, centers, radii):
         if radius < MIN_INRADIUS:
             mesh.degenerate.append(i)
             continue
-        part = _polytope(hs, center, i)
-        own = P[Tn[:, i] > T_THRESHOLD]
-        inside = _grid_members(own, part, resolution)
-        if len(inside):
+        built.append(_polytope(hs, center, i))
+        owns.append(P[Tn[:, i] > T_THRESHOLD])
+        # A ball of radius >= half a cell diagonal always holds a cell centre: no grid test needed
+        # unless the members themselves are needed (redundancy removal).
+        fat.append(radius >= np.sqrt(3) / (2 * resolution) and not remove_redundant)
+    test = [k for k in range(len(built)) if not fat[k]]
+    found = dict(zip(test, _grid_members([owns[k] for k in test], [built[k] for k in test], resolution))) if test else {}
+    for k, part in enumerate(built):
+        if fat[k] or len(found[k]):
             mesh.parts.append(part)
-            members.append(inside)
+            members.append(found.get(k))
     mesh.degenerate.sort()
     if remove_redundant and mesh.parts:
         count = np.zeros(resolution**3, dtype=np.int64)

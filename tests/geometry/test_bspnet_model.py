@@ -60,7 +60,7 @@ def test_metrics_identical_and_shifted():
     shifted = bspnet_metrics(p + np.array([0.05, 0, 0]), n, p, n)
     # every x-face point moves 0.05 off its face; CD > 0 and bounded by 2 * 0.05^2
     assert 0 < shifted["cd_x1000"] <= 2 * 0.05**2 * 1000 + 1e-9
-    assert bspnet_metrics(q, m, p, n)["nc"] > 0.95
+    assert bspnet_metrics(q, m, p, n)["nc"] > 0.9  # neighbours across box edges have perpendicular normals
 
 
 def test_extract_from_network_output_runs_on_input_device():

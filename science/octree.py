@@ -158,14 +158,22 @@ class OctreeTokens:
         }
 
 
-def morton_encode(cell: np.ndarray) -> np.ndarray:
-    """Morton (z-order) code of integer cells (N, 3) in 0..1023 -> (N,) int64, x in the lowest bit."""
-    c = np.asarray(cell, dtype=np.int64) & 0x3FF
+def _spread_bits(c: np.ndarray) -> np.ndarray:
+    """Insert two zero bits between the 10 low bits of each value (bit i -> bit 3 i)."""
+    c = np.asarray(c, dtype=np.int64) & 0x3FF
     c = (c | (c << 16)) & 0x030000FF
     c = (c | (c << 8)) & 0x0300F00F
     c = (c | (c << 4)) & 0x030C30C3
-    c = (c | (c << 2)) & 0x09249249
-    return c[:, 0] | (c[:, 1] << 1) | (c[:, 2] << 2)
+    return (c | (c << 2)) & 0x09249249
+
+
+_SPREAD = _spread_bits(np.arange(1 << MAX_DEPTH))  # lookup table: a gather beats five passes
+
+
+def morton_encode(cell: np.ndarray) -> np.ndarray:
+    """Morton (z-order) code of integer cells (N, 3) in 0..1023 -> (N,) int64, x in the lowest bit."""
+    c = np.asarray(cell) & 0x3FF
+    return _SPREAD[c[:, 0]] | (_SPREAD[c[:, 1]] << 1) | (_SPREAD[c[:, 2]] << 2)
 
 
 def _check_batch(types: np.ndarray, positions: np.ndarray, counts: np.ndarray, names: list[str] | None) -> None:
@@ -273,15 +281,15 @@ def tokenize_batch(
     if center is None:
         lo = np.clip(lo, qmax - size + 1, qmin)  # keeps every atom inside whatever the shift
 
-    local = q - lo[mol]
-    outside = ((local < 0) | (local >= size)).any(1)
+    local = q - np.repeat(lo, counts, axis=0)
+    # (bounding-box placement is inside by construction; a given centre may not be)
+    outside = ((local < 0) | (local >= size)).any(1) if center is not None else np.zeros(0, bool)
     if outside.any():
         b = int(mol[np.flatnonzero(outside)[0]])
         raise DataFormatError(
             f"{name(b)}: atoms fall outside the {spec.box:.2f} Å octree box placed around the given center"
         )
-    cell = local // spec.bins
-    xyz = local - cell * spec.bins
+    cell, xyz = np.divmod(local, spec.bins)
     key = (mol << _MORTON_BITS) | morton_encode(cell)
     order = np.argsort(key, kind="stable")
     key = key[order]
@@ -296,17 +304,18 @@ def tokenize_batch(
 
     # Level by level, bottom-up: the unique parents of the level-(l-1) nodes are the level-l nodes,
     # and a parent's occupancy mask is the OR (here: sum, children being distinct) of 1 << child.
-    levels_occ, levels_mol, levels_cell = [], [], []
-    cur, cur_cell, cur_mol = key, atom_cell, mol[order]
+    # A node is represented by the first atom below it (``rep``); its structure index is the part
+    # of its key above the Morton bits, its origin the cell of ``rep`` with the low bits cleared.
+    levels_occ, levels_mol, levels_rep = [], [], []
+    cur, rep = key, np.arange(len(key))
     for level in range(1, spec.depth + 1):
         parent = cur >> 3
         first = np.flatnonzero(np.concatenate([[True], parent[1:] != parent[:-1]]))
         occ = np.add.reduceat(np.left_shift(1, cur & 7), first)
-        cur, cur_mol = parent[first], cur_mol[first]
-        cur_cell = (cur_cell[first] >> level) << level
+        cur, rep = parent[first], rep[first]
         levels_occ.append(occ)
-        levels_mol.append(cur_mol)
-        levels_cell.append(cur_cell)
+        levels_mol.append(cur >> (_MORTON_BITS - 3 * level))
+        levels_rep.append(rep)
 
     # Lay the levels out per structure, root first: node j of level l for structure m goes to
     # tree_ptr[m] + (nodes of m on levels above l) + (rank of j among m's nodes on level l).
@@ -316,15 +325,16 @@ def tokenize_batch(
     above = np.cumsum(per_level, 0) - per_level
     T = int(tree_ptr[-1])
     tree = np.empty(T, np.int64)
-    tree_level = np.empty(T, np.int64)
-    tree_cell = np.empty((T, 3), np.int64)
+    tree_rep = np.empty(T, np.int64)
     for k, level in enumerate(range(spec.depth, 0, -1)):
         m = levels_mol[level - 1]
-        level_ptr = np.concatenate([[0], np.cumsum(per_level[k])])
-        dest = tree_ptr[m] + above[k][m] + np.arange(len(m)) - level_ptr[m]
+        level_start = np.cumsum(per_level[k]) - per_level[k]
+        dest = np.arange(len(m)) + (tree_ptr[:-1] + above[k] - level_start)[m]
         tree[dest] = levels_occ[level - 1]
-        tree_level[dest] = level
-        tree_cell[dest] = levels_cell[level - 1]
+        tree_rep[dest] = levels_rep[level - 1]
+    # per structure the levels are contiguous blocks, root first
+    tree_level = np.repeat(np.tile(np.arange(spec.depth, 0, -1), B), per_level.T.ravel())
+    tree_cell = (atom_cell[tree_rep] >> tree_level[:, None]) << tree_level[:, None]
 
     return OctreeTokens(
         spec=spec,

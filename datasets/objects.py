@@ -291,6 +291,11 @@ class ModelNet40(_ObjectDataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def categories(self) -> np.ndarray:
+        """``(len,)`` int64 class of every item, without reading the point files."""
+        return np.array([c for _, c in self.items], dtype=np.int64)
+
     def _points(self, path: Path) -> np.ndarray:
         rows = read_modelnet_txt(path)
         if rows.shape[0] < self.num_points:
@@ -342,6 +347,10 @@ class _H5Clouds(_ObjectDataset):
 
     def __len__(self) -> int:
         return self.data.shape[0]
+
+    @property
+    def categories(self) -> np.ndarray:
+        return self.label
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cloud = torch.from_numpy(self.data[index])
@@ -412,6 +421,49 @@ class ScanObjectNN(_H5Clouds):
         self.class_names = [str(i) for i in range(15)]
         if int(self.label.max()) >= 15:
             raise DataFormatError(f"{path}: label {int(self.label.max())} outside ScanObjectNN's 15 classes")
+
+
+class Subset(Dataset):
+    """Items ``indices`` of ``base`` with categories renumbered by ``classes`` (old class -> position)."""
+
+    def __init__(self, base: _ObjectDataset, indices: Sequence[int], classes: Sequence[int]) -> None:
+        self.base, self.indices = base, [int(i) for i in indices]
+        self.remap = {int(c): i for i, c in enumerate(classes)}
+        self.num_classes = len(self.remap)
+        self.class_names = [base.class_names[int(c)] for c in classes]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.base[self.indices[index]])
+        sample["category"] = torch.tensor(self.remap[int(sample["category"])])
+        return sample
+
+
+def few_shot_episode(train: ModelNet40 | ScanObjectNN, test: ModelNet40 | ScanObjectNN, way: int, shot: int,
+                     query: int = 20, seed: int = 0) -> tuple[Subset, Subset]:
+    """An N-way K-shot episode (the few-shot protocol of Sharma & Kaul, NeurIPS 2020, used by
+    Point-BERT and Point-MAE §4.2): ``way`` of the training split's classes drawn uniformly, ``shot`` training and ``query``
+    test shapes of each drawn uniformly without replacement; classes renumbered 0..way-1 in draw order.
+    A class with too few shapes raises :class:`ConfigError` naming it."""
+    rng = np.random.default_rng(seed)
+    present = np.unique(train.categories)
+    if not 2 <= way <= len(present):
+        raise ConfigError(f"few-shot way={way} must be between 2 and the {len(present)} classes of the training split")
+    classes = rng.choice(present, size=way, replace=False)
+    picks: dict[str, list[int]] = {"train": [], "test": []}
+    for c in classes:
+        for split, ds, count in (("train", train, shot), ("test", test, query)):
+            pool = np.flatnonzero(ds.categories == c)
+            if len(pool) < count:
+                raise ConfigError(f"few-shot: class {train.class_names[c]!r} has {len(pool)} {split} shapes, "
+                                  f"fewer than the {count} asked")
+            picks[split].extend(rng.choice(pool, size=count, replace=False).tolist())
+    return Subset(train, picks["train"], classes.tolist()), Subset(test, picks["test"], classes.tolist())
 
 
 def collate_objects(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

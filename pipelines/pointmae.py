@@ -41,6 +41,7 @@ from threefold.datasets.objects import (
     ScanObjectNN,
     ShapeNet55,
     collate_objects,
+    few_shot_episode,
 )
 from threefold.datasets.splits import seed_everything
 from threefold.geometry.neighbors import index_points
@@ -116,6 +117,9 @@ class FinetuneConfig(RunConfig):
     label_smoothing: float = 0.0
     head_dropout: float = 0.5
     vote_repeats: int = 0  # > 0: also report voting accuracy over this many random subsets
+    fewshot_way: int = 0  # > 0: train/test on one N-way K-shot episode (seeded by `seed`)
+    fewshot_shot: int = 10
+    fewshot_query: int = 20
     model: PointMAEModelConfig = field(default_factory=PointMAEModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -398,6 +402,8 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
         root = _data_root(ctx, "scanobjectnn", cfg.sample)
         train = ScanObjectNN(root, "train", cfg.dataset_variant, None, transform=augment, seed=cfg.seed)
         test = ScanObjectNN(root, "test", cfg.dataset_variant, None, seed=cfg.seed)
+    if cfg.fewshot_way > 0:
+        train, test = few_shot_episode(train, test, cfg.fewshot_way, cfg.fewshot_shot, cfg.fewshot_query, cfg.seed)
     _check_batch(len(train), cfg.trainer.batch_size, pipe.name)
     module = FinetuneModule({"config": config_to_dict(cfg), "num_classes": train.num_classes})
     loaded = 0
@@ -419,6 +425,7 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
         "params": count_parameters(module.model),
         "reference_params": REFERENCE_PARAMS["finetune_modelnet40"],
         "global_step": int(trainer.global_step),
+        "fewshot": f"{cfg.fewshot_way}-way {cfg.fewshot_shot}-shot" if cfg.fewshot_way else None,
         "protocol": "single pass on FPS'd test clouds" + ("; test_vote_acc: voting, separate" if cfg.vote_repeats else ""),
     }
 

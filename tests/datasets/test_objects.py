@@ -302,3 +302,28 @@ def test_collate_objects_stacks_and_rejects_mismatches():
         collate_objects([a, {**b, "coord": torch.ones(5, 3)}])
     with pytest.raises(DataFormatError, match="fields"):
         collate_objects([a, {"coord": torch.ones(4, 3)}])
+
+
+def test_few_shot_episode_draws_way_classes_shot_and_query_each(tmp_path):
+    from threefold.datasets.objects import few_shot_episode
+
+    labels = np.repeat(np.arange(6), 10)
+    data = np.zeros((60, 8, 3), np.float32)
+    data[:, :, 0] = np.arange(60)[:, None]  # row i is recognisable by its x
+    data[:, :, 1] = np.arange(8)[None]
+    for stem in ("training", "test"):
+        write_h5(tmp_path / "main_split" / f"{stem}_objectdataset.h5", data=data, label=labels)
+    train = ScanObjectNN(tmp_path, "train", "obj_bg", None, shuffle=False)
+    test = ScanObjectNN(tmp_path, "test", "obj_bg", None)
+    sup, qry = few_shot_episode(train, test, way=3, shot=4, query=2, seed=7)
+    assert len(sup) == 12 and len(qry) == 6 and sup.num_classes == 3
+    rows = [int(sup[i]["coord"][0, 0]) for i in range(12)]
+    new = [int(sup[i]["category"]) for i in range(12)]
+    assert len(set(rows)) == 12 and np.bincount(new).tolist() == [4, 4, 4]
+    old = labels[rows]
+    assert all(len(set(old[np.array(new) == k])) == 1 for k in range(3))  # one original class per new one
+    assert [int(qry[i]["category"]) for i in range(6)].count(0) == 2
+    again, _ = few_shot_episode(train, test, 3, 4, 2, seed=7)
+    assert again.indices == sup.indices
+    with pytest.raises(ConfigError, match="fewer than the 11"):
+        few_shot_episode(train, test, 3, 11, 2, seed=7)

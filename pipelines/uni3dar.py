@@ -38,7 +38,7 @@ import torch
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingExtraError, MissingFileError, require
 from threefold.datasets.splits import seed_everything
 from threefold.pipelines.config import RunConfig, config_to_dict
-from threefold.pipelines.engine import RunContext, load_checkpoint, write_metrics
+from threefold.pipelines.engine import RunContext, load_checkpoint
 from threefold.pipelines.registry import Pipeline, register_pipeline
 from threefold.science.octree import PRESETS, OctreeSpec, OctreeTokenizer, detokenize, random_rigid_motion
 from threefold.science.uni3dar import Uni3DAR, Uni3DARConfig, build_sequences, drop_level1_nodes

@@ -430,8 +430,34 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
     }
 
 
+class ClassifierPredictor:
+    """Inference entry point: ``predict(points (B, N, 3) float, unit-sphere normalised)`` -> ``(B,)`` int64
+    classes, from ``num_points`` farthest-point samples of each cloud (single pass, no voting)."""
+
+    def __init__(self, module: FinetuneModule) -> None:
+        self.module = module.eval()
+
+    @torch.no_grad()
+    def predict(self, points: torch.Tensor) -> torch.Tensor:
+        return self.module._logits(points).argmax(-1)
+
+
+def _finetune_from_checkpoint(checkpoint: Path) -> FinetuneModule:
+    ckpt = load_checkpoint(checkpoint)
+    if "config" not in ckpt.get("hyper_parameters", {}) or "num_classes" not in ckpt["hyper_parameters"]:
+        raise ConfigError(f"checkpoint {checkpoint} was not written by a Point-MAE fine-tuning pipeline")
+    module = FinetuneModule(ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module
+
+
+class _FinetunePipeline(Pipeline):
+    def load(self, cfg: FinetuneConfig, checkpoint: Path) -> ClassifierPredictor:
+        return ClassifierPredictor(_finetune_from_checkpoint(checkpoint))
+
+
 @register_pipeline
-class ModelNet40PointMAEFinetune(Pipeline):
+class ModelNet40PointMAEFinetune(_FinetunePipeline):
     name = "modelnet40-pointmae-finetune"
     description = "Point-MAE fine-tuning for ModelNet40 classification (Pang et al. 2022)"
     config_class = FinetuneConfig
@@ -441,7 +467,7 @@ class ModelNet40PointMAEFinetune(Pipeline):
 
 
 @register_pipeline
-class ScanObjectNNPointMAEFinetune(Pipeline):
+class ScanObjectNNPointMAEFinetune(_FinetunePipeline):
     name = "scanobjectnn-pointmae-finetune"
     description = "Point-MAE fine-tuning for ScanObjectNN (OBJ-BG / OBJ-ONLY / PB_T50_RS) classification"
     config_class = FinetuneConfig

@@ -69,6 +69,14 @@ def test_svm_and_finetune_load_the_pretrained_checkpoint(pretrained, workdir, mo
     assert {"test_acc", "test_mean_class_acc", "test_vote_acc"} <= set(metrics) and metrics["global_step"] == 3
     assert 0 <= metrics["test_acc"] <= 1
 
+    # The checkpoint's classifier from Python gives the run's single-pass test accuracy.
+    from threefold.datasets.objects import ModelNet40, collate_objects
+    from threefold.pipelines import load
+
+    test = collate_objects([s for s in ModelNet40(ft / "data" / "modelnet40", "test", 512)])
+    pred = load("modelnet40-pointmae-finetune", ft / "checkpoints" / "last.ckpt").predict(test["coord"])
+    assert (pred == test["category"]).double().mean().item() == pytest.approx(metrics["test_acc"])
+
     scan = run("scanobjectnn-pointmae-finetune", "trainer.max_epochs=1", "trainer.batch_size=8", "oversample=300")
     metrics = json.loads((scan / "metrics.json").read_text())
     assert metrics["encoder_tensors_loaded"] == 0 and 0 <= metrics["test_acc"] <= 1

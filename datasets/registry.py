@@ -39,6 +39,8 @@ DATASET_MODULES: tuple[str, ...] = (
     "threefold.datasets.tu",
     "threefold.datasets.brats",
     "threefold.datasets.objects",
+    "threefold.datasets.qm9",
+    "threefold.datasets.imnet_hdf5",
 )
 
 

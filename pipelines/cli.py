@@ -7,6 +7,7 @@
     threefold eval PIPELINE --checkpoint CKPT [--data PATH] [key=value ...]
     threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
     threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
+    threefold tokenize --input FILE --out tokens.json [--decode]
     threefold report RUN_DIR              (regenerates figures/ and report.md / report.html of a run)
 
 Exit codes: 0 success, 2 usage error, 1 runtime error (one line naming the problem; the full
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="regenerate the figures and report.md / report.html of a finished run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    p = sub.add_parser("tokenize", help="Uni-3DAR octree tokens of a structure (.sdf/.mol/.xyz/.cif/.pdb), or --decode them back")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--decode", action="store_true", help="tokens JSON -> .xyz / .cif / .pdb")
 
     p = sub.add_parser("prepare", help="preprocess a dataset into a cache folder")
     p.add_argument("dataset")
@@ -224,6 +230,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from threefold.pipelines.uni3dar import tokenize_command
+
+    print(f"written: {tokenize_command(args.input, args.out, args.decode)}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from threefold.datasets.registry import get_dataset
 
@@ -271,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return doctor()
         return {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "prepare": _cmd_prepare,
-                "report": _cmd_report}[args.command](args)
+                "report": _cmd_report, "tokenize": _cmd_tokenize}[args.command](args)
     except _UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
         return 2

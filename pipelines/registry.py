@@ -28,6 +28,7 @@ PIPELINE_MODULES: tuple[str, ...] = (
     "threefold.pipelines.brats",
     "threefold.pipelines.bspnet",
     "threefold.pipelines.uni3dar",
+    "threefold.pipelines.uni3dar_crystals",
     "threefold.pipelines.pointmae",
 )
 

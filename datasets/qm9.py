@@ -38,10 +38,22 @@ _SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 
 
 def _float(text: str, path: Path, line: int) -> float:
+    """A finite number: every QM9 coordinate and property is a measured or computed finite value, so
+    NaN / inf (or an overflowing literal such as 1e309) marks a damaged file."""
     try:
-        return float(text.replace("*^", "e"))
+        value = float(text.replace("*^", "e"))
     except ValueError as exc:
         raise DataFormatError(f"{path}: line {line}: {text!r} is not a number") from exc
+    if not np.isfinite(value):
+        raise DataFormatError(f"{path}: line {line}: {text!r} is not a finite number")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: byte {exc.start} is not UTF-8 text (QM9 files are ASCII)") from exc
 
 
 def read_qm9_xyz(path: Path) -> dict[str, Any]:
@@ -49,7 +61,7 @@ def read_qm9_xyz(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such QM9 file")
-    lines = path.read_text().splitlines()
+    lines = _read_text(path).splitlines()
     try:
         n = int(lines[0].strip())
     except (IndexError, ValueError) as exc:
@@ -59,6 +71,10 @@ def read_qm9_xyz(path: Path) -> dict[str, Any]:
     head = lines[1].split()
     if len(head) != 2 + len(QM9_PROPERTIES) or head[0] != "gdb":
         raise DataFormatError(f"{path}: line 2 must be 'gdb <index>' and {len(QM9_PROPERTIES)} properties")
+    try:
+        index = int(head[1])
+    except ValueError as exc:
+        raise DataFormatError(f"{path}: line 2: molecule index {head[1]!r} is not an integer") from exc
     props = {k: _float(v, path, 2) for k, v in zip(QM9_PROPERTIES, head[2:])}
     numbers, positions = [], []
     for i in range(n):
@@ -69,13 +85,16 @@ def read_qm9_xyz(path: Path) -> dict[str, Any]:
             raise DataFormatError(f"{path}: line {3 + i}: element {parts[0]!r} is not one of QM9's H C N O F")
         numbers.append(_SYMBOLS[parts[0]])
         positions.append([_float(v, path, 3 + i) for v in parts[1:4]])
+    xyz = np.array(positions, np.float32)
+    if not np.isfinite(xyz).all():
+        raise DataFormatError(f"{path}: a coordinate overflows float32 (|x| > 3.4e38 Å)")
     smiles = lines[n + 3].split()
     return {
         "numbers": np.array(numbers, np.int64),
-        "positions": np.array(positions, np.float32),
+        "positions": xyz,
         "props": props,
         "smiles": smiles[-1] if smiles else "",
-        "name": f"gdb_{int(head[1])}",
+        "name": f"gdb_{index}",
     }
 
 

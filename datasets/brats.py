@@ -122,13 +122,40 @@ class Case:
     seg: Path | None
 
 
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _case_folders(root: Path) -> list[Path]:
+    """Case folders directly under ``root`` or one level down (BraTS 2018 training: ``HGG/``, ``LGG/``).
+
+    A case folder holds ``<folder name>{_,-}*.nii.gz`` files; a folder that holds none and has no
+    sub-folders is an error naming it.
+    """
+    if not root.is_dir():
+        raise MissingFileError(f"{root}: dataset root is not a folder")
+    out = []
+    for folder in _subfolders(root):
+        if any(f.name.startswith(folder.name) and f.name.endswith(".nii.gz") for f in folder.iterdir()):
+            out.append(folder)
+            continue
+        nested = _subfolders(folder)
+        if not nested:
+            raise DataFormatError(
+                f"{folder}: neither a case folder (<case>_<modality>.nii.gz or <case>-<modality>.nii.gz) "
+                "nor a folder of case folders (such as HGG/, LGG/)"
+            )
+        out.extend(nested)
+    return out
+
+
 def detect_layout(root: str | Path) -> str:
     """``msd`` when ``root/dataset.json`` exists, else the BraTS layout whose FLAIR file name the first
     case folder holds. Raises :class:`MissingFileError` / :class:`DataFormatError` otherwise."""
     root = Path(root)
     if (root / "dataset.json").is_file():
         return "msd"
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    folders = _case_folders(root)
     if not folders:
         raise MissingFileError(f"{root}: no dataset.json and no case folders; expected a BraTS or MSD Task01 root")
     for layout, (sep, names) in _SUFFIX.items():
@@ -140,8 +167,10 @@ def detect_layout(root: str | Path) -> str:
 
 
 def list_cases(root: str | Path, layout: str | None = None, require_labels: bool = False) -> list[Case]:
-    """All cases under ``root``, sorted by name. Missing image files raise :class:`MissingFileError`
-    naming them; a missing segmentation is allowed (validation / test sets) unless ``require_labels``."""
+    """All cases under ``root`` (BraTS: sorted by folder path; MSD: training entries sorted by name,
+    then, unless ``require_labels``, the unlabelled ``test`` entries of ``dataset.json``). Missing
+    image files raise :class:`MissingFileError` naming them; a missing segmentation is allowed
+    (validation / test sets) unless ``require_labels``."""
     root = Path(root)
     layout = layout or detect_layout(root)
     _check_layout(layout)
@@ -160,9 +189,15 @@ def list_cases(root: str | Path, layout: str | None = None, require_labels: bool
                 if not path.is_file():
                     raise MissingFileError(f"{path}: listed in {meta_path} but absent")
             cases.append(Case(image.name.removesuffix(".nii.gz"), layout, (image,), seg))
-        return sorted(cases, key=lambda c: c.name)
+        cases.sort(key=lambda c: c.name)
+        for entry in [] if require_labels else meta.get("test", []):
+            image = root / (entry["image"] if isinstance(entry, dict) else entry)
+            if not image.is_file():
+                raise MissingFileError(f"{image}: listed in {meta_path} but absent")
+            cases.append(Case(image.name.removesuffix(".nii.gz"), layout, (image,), None))
+        return cases
     sep, names = _SUFFIX[layout]
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in _case_folders(root):
         images = tuple(folder / f"{folder.name}{sep}{names[m]}.nii.gz" for m in MODALITIES)
         missing = [str(p) for p in images if not p.is_file()]
         if missing:

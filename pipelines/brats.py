@@ -507,11 +507,10 @@ class _BratsPipeline(Pipeline):
         """Write ``out/<case>.nii.gz`` for every case under ``input`` (any layout), in the input's
         geometry (affine, shape) and label convention — the form the BraTS submission portals take."""
         predictor = self.load(cfg, checkpoint)
-        layout = None if predictor.module.cfg.layout == "auto" else predictor.module.cfg.layout
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for case in list_cases(input, layout):
+        for case in list_cases(input):  # the input's own layout, whatever the training data's was
             sample = read_case(case)
             write_prediction(out / f"{case.name}.nii.gz", predictor.predict(sample), sample["affine"], case.layout)
             written.append(case.name)

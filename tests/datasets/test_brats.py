@@ -60,6 +60,18 @@ def test_brats2018_reader_channels_labels_geometry(tmp_path):
     np.testing.assert_allclose(sample["spacing"], [1.0, 1.2, 2.0])
 
 
+def test_brats2018_training_root_with_grade_folders(tmp_path):
+    """The BraTS 2018 training archive nests cases in HGG/ and LGG/."""
+    for grade, case in (("HGG", "Brats18_CBICA_AAA_1"), ("LGG", "Brats18_TCIA09_1")):
+        _brats_case(tmp_path / grade, case, ["t1", "t1ce", "t2", "flair"], "_", _seg([0, 1, 2, 4]))
+    (tmp_path / "survival_data.csv").write_text("BraTS18ID,Age\n")
+    assert detect_layout(tmp_path) == "brats2018"
+    assert [c.name for c in list_cases(tmp_path)] == ["Brats18_CBICA_AAA_1", "Brats18_TCIA09_1"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataFormatError, match=r"empty: neither a case folder"):
+        list_cases(tmp_path)
+
+
 def test_brats2023_reader_with_resection_cavity(tmp_path):
     seg = _seg([0, 1, 2, 3, 4])
     # file order t1n, t1c, t2w, t2f -> canonical t1, t1ce, t2, flair
@@ -80,14 +92,18 @@ def test_msd_reader_orders_channels_from_dataset_json(tmp_path):
         "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
         "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
         "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
-        "test": [],
+        "test": ["./imagesTs/BRATS_485.nii.gz"],
     }
+    (tmp_path / "imagesTs").mkdir()
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     image = np.stack([np.full(SHAPE, v, np.float32) for v in (40.0, 10.0, 20.0, 30.0)], -1)  # FLAIR, T1w, T1gd, T2w
     _save(tmp_path / "imagesTr" / "BRATS_001.nii.gz", image)
+    _save(tmp_path / "imagesTs" / "BRATS_485.nii.gz", image)
     seg = _seg([0, 1, 2, 3])
     _save(tmp_path / "labelsTr" / "BRATS_001.nii.gz", seg)
     assert detect_layout(tmp_path) == "msd"
+    assert [(c.name, c.seg is None) for c in list_cases(tmp_path)] == [("BRATS_001", False), ("BRATS_485", True)]
+    assert [c.name for c in list_cases(tmp_path, require_labels=True)] == ["BRATS_001"]
     sample = read_case(list_cases(tmp_path)[0])
     assert sample["case"] == "BRATS_001"
     assert sample["image"][:, 1, 2, 3].tolist() == [10, 20, 30, 40]

@@ -44,10 +44,10 @@ def _metrics(runs: Path, name: str) -> dict:
     return json.loads((run / "metrics.json").read_text()), run
 
 
-def _check_table(table: dict, methods: set[str]) -> None:
+def _check_table(table: dict, methods: set[str], n: int = 2) -> None:
     assert set(table) == methods
     for cell in table.values():
-        assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0 and cell["std"] >= 0.0
+        assert cell["n"] == n and 0.0 <= cell["mean"] <= 1.0 and cell["std"] >= 0.0
 
 
 def test_planetoid_isocvgae_default(tmp_path, threefold):
@@ -78,12 +78,12 @@ def test_tu_isocvgae_real_mutag(tmp_path, test_data, threefold):
 
 def test_planetoid_selftask_real_cora(tmp_path, test_data, threefold):
     out = threefold("run", "--data", str(test_data / "planetoid"), "planetoid-selftask", "dataset=cora",
-                    "task=contextlabel", "num_seeds=2", "trainer.max_epochs=15", cwd=tmp_path)
+                    "task=contextlabel", "num_seeds=1", "trainer.max_epochs=15", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     m, _ = _metrics(tmp_path / "runs", "planetoid-selftask")
     assert m["lambda"] == 10 and m["task"] == "contextlabel"
     table = m["tables"]["node/test_acc[public]"]
-    _check_table(table, {"contextlabel[ica]", "gcn"})
+    _check_table(table, {"contextlabel[ica]", "gcn"}, n=1)
     # 15 epochs of a GCN on Cora: well above the 30 % majority class (loose: not a result claim)
     assert table["gcn"]["mean"] > 0.6 and table["contextlabel[ica]"]["mean"] > 0.6
 

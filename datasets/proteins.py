@@ -14,13 +14,48 @@ No third-party parser is needed (the wwPDB formats are read directly).
 
 from __future__ import annotations
 
-import shlex
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from threefold.datasets.errors import DataFormatError, MissingFileError
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# One CIF 1.1 token: a quoted string closes only at a quote followed by whitespace or the line end,
+# so ``"O5'"`` and ``'a'b'`` are single tokens; an unquoted token may not start with a quote.
+_CIF_TOKEN = re.compile(r"""\s*(?:'(.*?)'(?=\s|$)|"(.*?)"(?=\s|$)|([^\s'"]\S*))""")
+
+
+def _read_text(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: byte {exc.start} is not UTF-8 text ({what} files are ASCII)") from exc
+
+
+def _coords(texts: list[str], path: Path, line: int) -> list[float]:
+    """Three finite Å coordinates that fit float32; NaN / inf / garbage marks a damaged record."""
+    try:
+        xyz = [float(t) for t in texts]
+    except ValueError as exc:
+        raise DataFormatError(f"{path}: line {line}: coordinates {texts} are not numbers") from exc
+    if not all(abs(v) <= _FLOAT32_MAX for v in xyz):  # also false for NaN
+        raise DataFormatError(f"{path}: line {line}: coordinates {texts} are not finite float32 values")
+    return xyz
+
+
+def _cif_fields(line: str, path: Path, number: int) -> list[str]:
+    fields, pos = [], 0
+    while pos < len(line) and not line[pos:].isspace():
+        m = _CIF_TOKEN.match(line, pos)
+        if m is None:
+            raise DataFormatError(f"{path}: line {number}: unbalanced quote at column {pos + 1} in {line!r}")
+        fields.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return fields
 
 
 def _trace(res: list[str], pos: list[list[float]], chains: list[str], seq: list[int], name: str) -> dict[str, Any]:
@@ -36,16 +71,16 @@ def read_pdb_ca(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"{path}: PDB file not found")
     res, pos, chains, seq = [], [], [], []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(_read_text(path, "PDB"), 1):
         if line.startswith("ENDMDL"):
             break
         if not line.startswith("ATOM") or line[12:16].strip() != "CA" or line[16:17] not in (" ", "A"):
             continue
+        xyz = _coords([line[30:38], line[38:46], line[46:54]], path, i)
         try:
-            xyz = [float(line[30:38]), float(line[38:46]), float(line[46:54])]
             number = int(line[22:26])
         except ValueError as exc:
-            raise DataFormatError(f"{path}: line {i}: bad coordinates or residue number in {line!r}") from exc
+            raise DataFormatError(f"{path}: line {i}: residue number {line[22:26]!r} is not an integer") from exc
         res.append(line[17:20].strip())
         chains.append(line[21])
         seq.append(number)
@@ -58,7 +93,7 @@ def read_mmcif_ca(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: mmCIF file not found")
-    lines = path.read_text().splitlines()
+    lines = _read_text(path, "mmCIF")
     cols: list[str] = []
     i = 0
     while i < len(lines):
@@ -76,21 +111,27 @@ def read_mmcif_ca(path: Path) -> dict[str, Any]:
     at = {c: k for k, c in enumerate(cols)}
     res, pos, chains, seq = [], [], [], []
     first_model = None
-    for line in lines[i:]:
+    for number, line in enumerate(lines[i:], i + 1):
         if not line.strip() or line.startswith(("#", "loop_", "_")):
             break
-        f = shlex.split(line)
+        f = _cif_fields(line, path, number)
         if len(f) != len(cols):
             raise DataFormatError(f"{path}: _atom_site row has {len(f)} fields, expected {len(cols)}: {line!r}")
         model = f[at["pdbx_PDB_model_num"]] if "pdbx_PDB_model_num" in at else "1"
         first_model = first_model or model
         alt = f[at["label_alt_id"]] if "label_alt_id" in at else "."
-        if model != first_model or f[at["group_PDB"]] != "ATOM" or f[at["label_atom_id"]] != "CA" or alt not in ".?A":
+        if model != first_model or f[at["group_PDB"]] != "ATOM" or f[at["label_atom_id"]] != "CA" or alt not in (".", "?", "A"):
             continue
         res.append(f[at["label_comp_id"]])
         chains.append(f[at.get("auth_asym_id", at.get("label_asym_id", 0))])
-        seq.append(int(f[at["auth_seq_id"]]) if "auth_seq_id" in at else len(seq) + 1)
-        pos.append([float(f[at[c]]) for c in ("Cartn_x", "Cartn_y", "Cartn_z")])
+        pos.append(_coords([f[at[c]] for c in ("Cartn_x", "Cartn_y", "Cartn_z")], path, number))
+        try:
+            resseq = int(f[at["auth_seq_id"]]) if "auth_seq_id" in at else len(seq) + 1
+        except ValueError:
+            resseq = None
+        if resseq is None or not -(2**63) <= resseq < 2**63:
+            raise DataFormatError(f"{path}: line {number}: auth_seq_id {f[at['auth_seq_id']]!r} is not an int64 integer")
+        seq.append(resseq)
     return _trace(res, pos, chains, seq, str(path))
 
 

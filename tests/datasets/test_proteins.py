@@ -55,3 +55,23 @@ def test_mmcif_ca_trace(tmp_path):
     p.write_text(text.replace("_atom_site.Cartn_x\n", ""))
     with pytest.raises(DataFormatError, match="lacks"):
         read_mmcif_ca(p)
+
+
+def test_mmcif_quoting_follows_cif_1_1(tmp_path):
+    """CIF 1.1 syntax (IUCr; Hall, Allen & Brown, Acta Cryst. A47, 1991): a quote closes a string only
+    when whitespace or the line end follows, so ``"O5'"`` and ``'a'b'`` are one token each and a quote inside an unquoted token is text;
+    an opening quote that never closes is an error."""
+    header = ["group_PDB", "id", "label_atom_id", "label_comp_id", "auth_asym_id", "auth_seq_id",
+              "Cartn_x", "Cartn_y", "Cartn_z"]  # fmt: skip
+    rows = ["ATOM 1 \"O5'\" DA A 1 0.0 0.0 0.0",  # a primed nucleotide atom name, quoted as PDBx files do
+            "ATOM 2 'CA' 'a'b' A 2 1.0 2.0 3.0",
+            "ATOM 3 CA C'X \"B C\" 3 4.0 5.0 6.0"]  # fmt: skip
+    text = "data_q\nloop_\n" + "\n".join(f"_atom_site.{h}" for h in header) + "\n" + "\n".join(rows) + "\n#\n"
+    p = tmp_path / "q.cif"
+    p.write_text(text)
+    t = read_mmcif_ca(p)
+    assert t["residues"] == ["a'b", "C'X"] and t["chains"] == ["A", "B C"] and t["resseq"].tolist() == [2, 3]
+    np.testing.assert_array_equal(t["positions"], [[1, 2, 3], [4, 5, 6]])
+    p.write_text(text.replace('"B C"', '"B C'))
+    with pytest.raises(DataFormatError, match="line 14: unbalanced quote"):
+        read_mmcif_ca(p)

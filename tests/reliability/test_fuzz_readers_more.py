@@ -325,7 +325,6 @@ def test_fuzz_pdb(damage):
         _check_trace(t)
 
 
-@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): read_mmcif_ca accepts NaN and lets ValueError escape")
 @FUZZ
 @given(damage=TEXT_DAMAGE)
 def test_fuzz_mmcif(damage):
@@ -589,7 +588,8 @@ KNOWN_BUGS = {
 
 # Cases whose reader still has the bug; a fixed case leaves this set in the fix's commit and stays
 # below as a regression test.
-OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "qm9-bad-index"}
+OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "qm9-bad-index",
+                               "pdb-nan", "pdb-not-utf8", "mmcif-nan", "mmcif-not-a-number", "mmcif-quote"}
 
 
 @pytest.mark.parametrize("bug", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=v[1]) if k in OPEN_BUGS else ())

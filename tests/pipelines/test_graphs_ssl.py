@@ -109,3 +109,13 @@ def test_isocvgae_on_gpu(tmp_path, threefold):
     assert out.returncode == 0, out.stderr[-3000:]
     m, _ = _metrics(tmp_path / "runs", "planetoid-isocvgae")
     assert m["tables"]["link/dot[ROC-AUC]"]["isocvgae"]["n"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["pairwisedistance", "distance2clusters", "pairwiseattrsim", "correctedlabel", "edgemask"])
+def test_selftask_on_gpu(tmp_path, threefold, task):
+    out = threefold("run", "planetoid-selftask", f"task={task}", "num_seeds=1", "trainer.max_epochs=5",
+                    "trainer.accelerator=gpu", "trainer.deterministic=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m, _ = _metrics(tmp_path / "runs", "planetoid-selftask")
+    assert 0.0 <= m["tables"]["node/test_acc[public]"]["gcn"]["mean"] <= 1.0

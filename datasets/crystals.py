@@ -26,6 +26,8 @@ from threefold.datasets.errors import DataFormatError, MissingFileError, require
 
 def _sample(atoms: Any, name: str) -> dict[str, Any]:
     lattice = np.asarray(atoms.cell.array, np.float64)
+    if not (np.isfinite(lattice).all() and np.isfinite(atoms.get_positions()).all()):
+        raise DataFormatError(f"{name}: a cell parameter or atom coordinate is not a finite number")
     if abs(np.linalg.det(lattice)) < 1e-6:
         raise DataFormatError(f"{name}: the cell is singular (volume {np.linalg.det(lattice):.3g} Å^3)")
     if len(atoms) == 0:
@@ -55,7 +57,11 @@ def read_cif(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: CIF file not found")
-    return _read_cif_text(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: byte {exc.start} is not UTF-8 text (CIF 1.1 is ASCII, CIF 2.0 UTF-8)") from exc
+    return _read_cif_text(text, str(path))
 
 
 def read_mp20_csv(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -64,19 +70,24 @@ def read_mp20_csv(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     if not path.is_file():
         raise MissingFileError(f"{path}: MP-20 CSV not found")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a CIF cell is longer than csv's 128 KiB default
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "cif" not in reader.fieldnames:
-            raise DataFormatError(f"{path}: no 'cif' column (columns: {reader.fieldnames})")
-        out = []
-        for i, row in enumerate(reader):
-            if limit is not None and i >= limit:
-                break
-            name = row.get("material_id") or f"{path.name} row {i}"
-            s = _read_cif_text(row["cif"], f"{path.name} row {i} ({name})")
-            s["props"] = {k: _maybe_float(v) for k, v in row.items() if k not in ("cif", "", None)}
-            s["name"] = name
-            out.append(s)
+    with path.open(newline="", encoding="utf-8") as f:
+        try:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "cif" not in reader.fieldnames:
+                raise DataFormatError(f"{path}: no 'cif' column (columns: {reader.fieldnames})")
+            out = []
+            for i, row in enumerate(reader):
+                if limit is not None and i >= limit:
+                    break
+                name = row.get("material_id") or f"{path.name} row {i}"
+                s = _read_cif_text(row["cif"] or "", f"{path.name} row {i} ({name})")
+                s["props"] = {k: _maybe_float(v) for k, v in row.items() if k not in ("cif", "", None)}
+                s["name"] = name
+                out.append(s)
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"{path}: byte {exc.start} of a block is not UTF-8 text") from exc
+        except csv.Error as exc:
+            raise DataFormatError(f"{path}: not a readable CSV ({exc})") from exc
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,16 @@ def test_multilevel_trains_nested_and_writes_submission(tmp_path):
         assert pred.shape == ref.shape
         values = set(np.unique(np.asarray(pred.dataobj)).tolist())
         assert values <= {0, 1, 2, 4} and 2 in values  # oedema is found in every phantom
+    # the same images in the BraTS 2023 layout come back in that layout's label values
+    case = "Brats18_Phantom_000"
+    gli = tmp_path / "gli" / "BraTS-GLI-00000-000"
+    gli.mkdir(parents=True)
+    for old, new in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+        shutil.copy(cases / case / f"{case}_{old}.nii.gz", gli / f"{gli.name}-{new}.nii.gz")
+    assert main(["predict", "brats-multilevel", "--checkpoint", str(ckpt), "--input", str(tmp_path / "gli"), "--out", str(out / "gli")]) == 0
+    p2018 = np.asarray(nib.load(str(out / f"{case}.nii.gz")).dataobj)
+    p2023 = np.asarray(nib.load(str(out / "gli" / f"{gli.name}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(np.where(p2018 == 4, 3, p2018), p2023)  # 4 (2018 ET) is 3 in 2023
 
 
 @pytest.mark.slow

@@ -34,20 +34,27 @@ GEOM_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 def read_geom_pickle(path: Path, max_conformers: int | None = None) -> list[dict[str, Any]]:
     """Conformers of one GEOM-DRUGS pickle as molecule samples (at most ``max_conformers``)."""
-    require("rdkit", extra="mol")
+    chem = require("rdkit.Chem", extra="mol")
     path = Path(path)
-    data = safe_load_pickle(path, GEOM_GLOBALS)
+    try:
+        data = safe_load_pickle(path, GEOM_GLOBALS)
+    except RuntimeError as exc:  # RDKit's Mol(<binary>) rejects a damaged molecule block this way
+        raise DataFormatError(f"{path}: an RDKit molecule in the pickle is corrupt ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("conformers"), list):
         raise DataFormatError(f"{path}: expected a dict with a 'conformers' list (GEOM rdkit_folder layout)")
     out = []
     for k, conf in enumerate(data["conformers"][:max_conformers]):
         mol = conf.get("rd_mol") if isinstance(conf, dict) else None
-        if mol is None or mol.GetNumConformers() == 0:
-            raise DataFormatError(f"{path}: conformer {k} has no 'rd_mol' with coordinates")
+        if not isinstance(mol, chem.Mol) or mol.GetNumConformers() == 0:
+            raise DataFormatError(f"{path}: conformer {k} has no 'rd_mol' RDKit molecule with coordinates "
+                                  f"(got {type(mol).__name__})")
+        positions = mol.GetConformer().GetPositions().astype(np.float32)
+        if not np.isfinite(positions).all():
+            raise DataFormatError(f"{path}: conformer {k}: a coordinate is not a finite float32 number")
         out.append(
             {
                 "numbers": np.array([a.GetAtomicNum() for a in mol.GetAtoms()], np.int64),
-                "positions": mol.GetConformer().GetPositions().astype(np.float32),
+                "positions": positions,
                 "smiles": str(data.get("smiles", "")),
                 "name": f"{path.name}#{k}",
                 "props": {key: float(v) for key, v in conf.items() if isinstance(v, (int, float, np.floating))},

@@ -372,7 +372,6 @@ def test_fuzz_cif(damage):
 
 
 # ------------------------------------------------------------------------------ GEOM-DRUGS pickle
-@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): read_geom_pickle lets AttributeError escape for a non-Mol rd_mol")
 @FUZZ
 @given(damage=BYTE_DAMAGE, mol=st.sampled_from(["mol", "none", "int", "str", "missing"]))
 def test_fuzz_geom_pickle(damage, mol):
@@ -590,7 +589,7 @@ KNOWN_BUGS = {
 # below as a regression test.
 OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "qm9-bad-index",
                                "pdb-nan", "pdb-not-utf8", "mmcif-nan", "mmcif-not-a-number", "mmcif-quote",
-                               "cif-not-utf8"}
+                               "cif-not-utf8", "geom-not-a-mol"}
 
 
 @pytest.mark.parametrize("bug", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=v[1]) if k in OPEN_BUGS else ())

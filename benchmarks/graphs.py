@@ -158,29 +158,33 @@ def main() -> None:
           f"E={pub.edge_index.shape[1]}; MUTAG union N={mutag.num_nodes} E={mutag.edge_index.shape[1]}")
     print(f"(a dense float32 N×N matrix for PubMed would take {pub.num_nodes**2 * 4 / 2**30:.2f} GiB)\n")
 
-    rows: list[tuple[str, str, dict[str, float]]] = []
-    for label, data, conv in (("cora", cora, "gcn"), ("pubmed", pub, "gcn"), ("MUTAG", mutag, "gin")):
-        rows.append(("IsoC-VGAE epoch 512-512", label, {d: isoc_epoch(data, d, conv, args.repeats) for d in devices}))
+    ratio_head = " | cuda/cpu |" if len(devices) == 2 else " |"
+
+    def head(title: str) -> None:
+        line = f"| {title} | graph | " + " | ".join(f"{d} s" for d in devices) + ratio_head
+        print(line)
+        print("|---" * (line.count("|") - 1) + "|", flush=True)
+
+    def row(what: str, graph: str, t: dict[str, float]) -> None:
+        ratio = f" | {t['cuda'] / t['cpu']:.3f} |" if len(devices) == 2 else " |"
+        print(f"| {what} | {graph} | " + " | ".join(f"{t[d]:.4f}" for d in devices) + ratio, flush=True)
+
+    # rows are printed as they are measured, so a long run can be read while it goes
+    head("epoch time (forward + backward + Adam step, full batch)")
     prep_rows: list[tuple[str, str, dict[str, float]]] = []
     for label, data in (("cora", cora), ("pubmed", pub)):
         for task in [None, *args.tasks.split(",")]:
             res = {d: selftask_epoch(data, label, task, d, args.repeats) for d in devices}
-            rows.append((f"SelfTask epoch {task or 'GCN (no task)'}", label, {d: r[1] for d, r in res.items()}))
+            row(f"SelfTask GCN-128 + {task or 'no task'}", label, {d: r[1] for d, r in res.items()})
             if task is not None:
                 prep_rows.append((f"precompute {task}", label, {d: r[0] for d, r in res.items()}))
-
-    def show(title: str, table: list[tuple[str, str, dict[str, float]]]) -> None:
-        head = f"| {title} | graph | " + " | ".join(f"{d} s" for d in devices) + (" | cuda/cpu |" if len(devices) == 2 else " |")
-        print(head)
-        print("|---" * (head.count("|") - 1) + "|")
-        for what, graph, t in table:
-            cells = " | ".join(f"{t[d]:.4f}" for d in devices)
-            ratio = f" | {t['cuda'] / t['cpu']:.3f} |" if len(devices) == 2 else " |"
-            print(f"| {what} | {graph} | {cells}{ratio}")
-        print()
-
-    show("epoch time", rows)
-    show("pretext targets", prep_rows)
+    for label, data, conv in (("cora", cora, "gcn"), ("MUTAG", mutag, "gin"), ("pubmed", pub, "gcn")):
+        row(f"IsoC-VGAE 512-512 ({conv})", label, {d: isoc_epoch(data, d, conv, args.repeats) for d in devices})
+    print()
+    head("pretext-target precomputation")
+    for r in prep_rows:
+        row(*r)
+    print()
     if not args.skip_memory:
         print("| pretext targets on pubmed (CPU, forked child) | seconds | peak RSS growth MiB |")
         print("|---|---|---|")

@@ -254,6 +254,8 @@ def _quiet_lightning() -> None:
     import logging
     import warnings
 
+    import lightning  # noqa: F401  (its import sets its loggers to INFO; override afterwards)
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -263,8 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
-    if not debug:
-        _quiet_lightning()
     parser = build_parser()
     try:
         # Overrides (key=value) may stand anywhere after the pipeline name, also after options, which
@@ -279,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "list":
             return _cmd_list()
+        if not debug and args.command in ("run", "eval", "predict", "report"):
+            _quiet_lightning()
         if args.command == "doctor":
             from threefold.pipelines.doctor import doctor
 

@@ -111,7 +111,8 @@ def bspnet_metrics(
     pe, _ = edge_points(pred_points, pred_normals, seed=seed)
     ge, _ = edge_points(gt_points, gt_normals, seed=seed)
     if len(pe) and len(ge):
-        ecd = float(chamfer_distance(torch.as_tensor(pe), torch.as_tensor(ge), squared=True, reduction="sum"))
+        pe_t, ge_t = torch.as_tensor(pe, dtype=torch.float64), torch.as_tensor(ge, dtype=torch.float64)
+        ecd = float(chamfer_distance(pe_t, ge_t, squared=True, reduction="sum"))
     else:
         ecd = float("nan")
     return {"cd_x1000": cd * 1000, "nc": nc, "ecd_x1000": ecd * 1000, "num_edge_points": float(len(pe))}

@@ -126,8 +126,11 @@ def _peak_child(task: str, data: Data, out) -> None:
 
 
 def precompute_memory(data: Data, task: str) -> tuple[float, float]:
-    """(seconds, peak resident-memory growth MiB) of ``task.prepare`` in a forked child (CPU)."""
-    ctx = mp.get_context("fork")
+    """(seconds, peak resident-memory growth MiB) of ``task.prepare`` in a fresh child process (CPU).
+
+    A *spawned* child: a forked one inherits the parent's resident-memory high-water mark, which
+    would hide the growth."""
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_peak_child, args=(task, data, q))
     p.start()
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated SelfTask tasks")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -170,27 +174,28 @@ def main() -> None:
         print(f"| {what} | {graph} | " + " | ".join(f"{t[d]:.4f}" for d in devices) + ratio, flush=True)
 
     # rows are printed as they are measured, so a long run can be read while it goes
-    head("epoch time (forward + backward + Adam step, full batch)")
-    prep_rows: list[tuple[str, str, dict[str, float]]] = []
-    for label, data in (("cora", cora), ("pubmed", pub)):
-        for task in [None, *args.tasks.split(",")]:
-            res = {d: selftask_epoch(data, label, task, d, args.repeats) for d in devices}
-            row(f"SelfTask GCN-128 + {task or 'no task'}", label, {d: r[1] for d, r in res.items()})
-            if task is not None:
-                prep_rows.append((f"precompute {task}", label, {d: r[0] for d, r in res.items()}))
-    for label, data, conv in (("cora", cora, "gcn"), ("MUTAG", mutag, "gin"), ("pubmed", pub, "gcn")):
-        row(f"IsoC-VGAE 512-512 ({conv})", label, {d: isoc_epoch(data, d, conv, args.repeats) for d in devices})
-    print()
-    head("pretext-target precomputation")
-    for r in prep_rows:
-        row(*r)
-    print()
+    if not args.skip_timing:
+        head("epoch time (forward + backward + Adam step, full batch)")
+        prep_rows: list[tuple[str, str, dict[str, float]]] = []
+        for label, data in (("cora", cora), ("pubmed", pub)):
+            for task in [None, *args.tasks.split(",")]:
+                res = {d: selftask_epoch(data, label, task, d, args.repeats) for d in devices}
+                row(f"SelfTask GCN-128 + {task or 'no task'}", label, {d: r[1] for d, r in res.items()})
+                if task is not None:
+                    prep_rows.append((f"precompute {task}", label, {d: r[0] for d, r in res.items()}))
+        for label, data, conv in (("cora", cora, "gcn"), ("MUTAG", mutag, "gin"), ("pubmed", pub, "gcn")):
+            row(f"IsoC-VGAE 512-512 ({conv})", label, {d: isoc_epoch(data, d, conv, args.repeats) for d in devices})
+        print()
+        head("pretext-target precomputation")
+        for r in prep_rows:
+            row(*r)
+        print()
     if not args.skip_memory:
-        print("| pretext targets on pubmed (CPU, forked child) | seconds | peak RSS growth MiB |")
+        print("| pretext targets on pubmed (CPU, spawned child) | seconds | peak RSS growth MiB |")
         print("|---|---|---|")
         for task in args.tasks.split(","):
             sec, mib = precompute_memory(pub.to("cpu"), task)
-            print(f"| {task} | {sec:.2f} | {mib:.0f} |")
+            print(f"| {task} | {sec:.2f} | {mib:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ CORE = ["torch", "numpy", "scipy", "PyYAML", "lightning", "torchmetrics", "tqdm"
 # extra -> (distribution, import name) pairs; an extra is usable when every import works.
 EXTRAS: dict[str, list[tuple[str, str]]] = {
     "lidar": [("open3d", "open3d")],
-    "points": [("h5py", "h5py"), ("open3d", "open3d"), ("trimesh", "trimesh")],
+    "points": [("h5py", "h5py"), ("open3d", "open3d"), ("trimesh", "trimesh"), ("scikit-image", "skimage")],
     "medical": [("monai", "monai"), ("nibabel", "nibabel"), ("SimpleITK", "SimpleITK")],
     "mol": [("rdkit", "rdkit"), ("ase", "ase")],
     "viz": [("matplotlib", "matplotlib")],

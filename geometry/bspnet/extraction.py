@@ -357,7 +357,7 @@ def marching_cubes_mesh(occupancy: np.ndarray, level: float = 0.5) -> tuple[np.n
 
     The field is padded with zeros so the surface is closed at the box.
     """
-    marching_cubes = require("skimage.measure", extra="test").marching_cubes
+    marching_cubes = require("skimage.measure", extra="points").marching_cubes
 
     R = occupancy.shape[0]
     verts, faces, _, _ = marching_cubes(np.pad(np.asarray(occupancy, np.float32), 1), level)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 import torch.utils.data
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.paths import safe_output_path
 from threefold.datasets.registry import register_dataset
 from threefold.datasets.splits import kfold_indices
 from threefold.datasets.volumes import read_nifti, write_nifti
@@ -166,6 +167,37 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
+def _read_msd_json(meta_path: Path) -> dict:
+    """The MSD ``dataset.json`` as a dict; a missing, non-UTF-8, malformed or non-object file raises a threefold error."""
+    if not meta_path.is_file():
+        raise MissingFileError(f"{meta_path}: MSD Task01 dataset.json not found")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(f"{meta_path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{meta_path}: expected a JSON object with 'training' / 'modality', got {type(meta).__name__}")
+    return meta
+
+
+def _msd_entry_path(root: Path, value: object, meta_path: Path, field: str) -> Path:
+    """``root / value`` for a relative path listed in ``dataset.json``.
+
+    The names come from a downloaded file, so they are confined to the task folder the way
+    :func:`threefold.datasets.paths.safe_output_path` confines output names: no absolute path, drive,
+    ``..`` or NUL. Unlike that function, symbolic links are followed: a link inside the task folder was
+    placed by the user (e.g. ``imagesTr`` on another disk), not by the file.
+    """
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise DataFormatError(f"{meta_path}: {field} must be a non-empty path string, got {value!r}")
+    for flavour in (PurePosixPath(value), PureWindowsPath(value)):
+        if flavour.is_absolute() or flavour.anchor or ".." in flavour.parts:
+            raise DataFormatError(
+                f"{meta_path}: {field} = {value!r} leaves the task folder {root}; expected a path relative to it without '..'"
+            )
+    return root / value
+
+
 def list_cases(root: str | Path, layout: str | None = None, require_labels: bool = False) -> list[Case]:
     """All cases under ``root`` (BraTS: sorted by folder path; MSD: training entries sorted by name,
     then, unless ``require_labels``, the unlabelled ``test`` entries of ``dataset.json``). Missing
@@ -177,21 +209,24 @@ def list_cases(root: str | Path, layout: str | None = None, require_labels: bool
     cases: list[Case] = []
     if layout == "msd":
         meta_path = root / "dataset.json"
-        if not meta_path.is_file():
-            raise MissingFileError(f"{meta_path}: MSD Task01 dataset.json not found")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_msd_json(meta_path)
         entries = meta.get("training")
         if not isinstance(entries, list):
             raise DataFormatError(f"{meta_path}: field 'training' must be a list of {{image, label}} entries")
-        for entry in entries:
-            image, seg = root / entry["image"], root / entry["label"]
+        for k, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise DataFormatError(f"{meta_path}: training[{k}] must be an {{image, label}} object, got {entry!r}")
+            image, seg = (_msd_entry_path(root, entry.get(key), meta_path, f"training[{k}].{key}") for key in ("image", "label"))
             for path in (image, seg):
                 if not path.is_file():
                     raise MissingFileError(f"{path}: listed in {meta_path} but absent")
             cases.append(Case(image.name.removesuffix(".nii.gz"), layout, (image,), seg))
         cases.sort(key=lambda c: c.name)
-        for entry in [] if require_labels else meta.get("test", []):
-            image = root / (entry["image"] if isinstance(entry, dict) else entry)
+        tests = [] if require_labels else meta.get("test", [])
+        if not isinstance(tests, list):
+            raise DataFormatError(f"{meta_path}: field 'test' must be a list of image paths")
+        for k, entry in enumerate(tests):
+            image = _msd_entry_path(root, entry.get("image") if isinstance(entry, dict) else entry, meta_path, f"test[{k}]")
             if not image.is_file():
                 raise MissingFileError(f"{image}: listed in {meta_path} but absent")
             cases.append(Case(image.name.removesuffix(".nii.gz"), layout, (image,), None))
@@ -216,7 +251,9 @@ def list_cases(root: str | Path, layout: str | None = None, require_labels: bool
 def _msd_channel_order(case: Case) -> list[int]:
     """Indices of the 4D MSD image's channels in :data:`MODALITIES` order, from ``dataset.json``."""
     meta_path = case.images[0].parent.parent / "dataset.json"
-    modality = json.loads(meta_path.read_text()).get("modality", {})
+    modality = _read_msd_json(meta_path).get("modality", {})
+    if not isinstance(modality, dict) or not all(str(k).isdecimal() for k in modality):
+        raise DataFormatError(f"{meta_path}: field 'modality' must map channel numbers to names, got {modality!r}")
     by_name = {_MSD_NAMES.get(str(v).lower()): int(k) for k, v in modality.items()}
     if set(MODALITIES) - set(by_name):
         raise DataFormatError(
@@ -337,8 +374,8 @@ def write_case_brats2018(folder: str | Path, case: str, image: np.ndarray, y: np
     float32 ``<case>_<modality>.nii.gz``, ordinal ``y`` as ``<case>_seg.nii.gz`` with values 0/1/2/4."""
     folder = Path(folder)
     for channel, modality in enumerate(MODALITIES):
-        write_nifti(folder / f"{case}_{modality}.nii.gz", image[channel].astype(np.float32), affine)
-    write_prediction(folder / f"{case}_seg.nii.gz", y, affine, "brats2018")
+        write_nifti(safe_output_path(folder, f"{case}_{modality}.nii.gz"), image[channel].astype(np.float32), affine)
+    write_prediction(safe_output_path(folder, f"{case}_seg.nii.gz"), y, affine, "brats2018")
     return folder
 
 

@@ -52,6 +52,7 @@ from threefold.datasets.brats import (
     write_prediction,
 )
 from threefold.datasets.errors import ConfigError
+from threefold.datasets.paths import safe_output_path
 from threefold.datasets.splits import seed_everything
 from threefold.medical.overlap import dice, hausdorff95
 from threefold.medical.segmentation.heads import make_head
@@ -512,7 +513,8 @@ class _BratsPipeline(Pipeline):
         written = []
         for case in list_cases(input):  # the input's own layout, whatever the training data's was
             sample = read_case(case)
-            write_prediction(out / f"{case.name}.nii.gz", predictor.predict(sample), sample["affine"], case.layout)
+            # case names come from the input's folder names or its dataset.json: confined to out
+            write_prediction(safe_output_path(out, f"{case.name}.nii.gz"), predictor.predict(sample), sample["affine"], case.layout)
             written.append(case.name)
         (out / "predictions.json").write_text(json.dumps({"pipeline": self.name, "cases": written}, indent=2) + "\n")
 

@@ -237,3 +237,23 @@ def test_phantoms_written_in_brats2018_layout_and_split(tmp_path):
     assert len(val) == 1 and sorted(names) == [f"Brats18_Phantom_{i:03d}" for i in range(5)]
     item = train[0]
     assert item["image"].shape[1:] == item["label"].shape and "bbox" in item
+
+
+def test_writer_and_msd_listing_stay_inside_their_folders(tmp_path):
+    """A case name or a dataset.json entry that climbs out of its folder is refused; nothing is written outside."""
+    from threefold.datasets.brats import write_case_brats2018
+    from threefold.datasets.paths import UnsafePathError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnsafePathError, match=r"\.\./escape"):
+        write_case_brats2018(out, "../escape", np.zeros((4, *SHAPE), np.float32), np.zeros(SHAPE, np.int64), AFFINE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any(out.iterdir())
+
+    task = tmp_path / "Task01"
+    (task / "imagesTr").mkdir(parents=True)
+    _save(tmp_path / "outside.nii.gz", np.zeros(SHAPE, np.float32))
+    for image in ("../outside.nii.gz", str(tmp_path / "outside.nii.gz"), "imagesTr/../../outside.nii.gz"):
+        (task / "dataset.json").write_text(json.dumps({"training": [{"image": image, "label": image}]}))
+        with pytest.raises(DataFormatError, match=r"training\[0\]\.image .* leaves the task folder"):
+            list_cases(task, "msd")

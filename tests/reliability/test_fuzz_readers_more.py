@@ -416,7 +416,6 @@ def _msd_cases(folder: Path):
     return list_cases(folder, "msd")
 
 
-@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): list_cases lets JSON / Key / Type errors escape")
 @FUZZ
 @given(damage=TEXT_DAMAGE)
 def test_fuzz_msd_dataset_json(damage):
@@ -589,7 +588,9 @@ KNOWN_BUGS = {
 # below as a regression test.
 OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "qm9-bad-index",
                                "pdb-nan", "pdb-not-utf8", "mmcif-nan", "mmcif-not-a-number", "mmcif-quote",
-                               "cif-not-utf8", "geom-not-a-mol"}
+                               "cif-not-utf8", "geom-not-a-mol",
+                               "msd-not-json", "msd-entry-without-image", "msd-entry-not-a-dict", "msd-top-level-list",
+                               "msd-absolute-path", "msd-dotdot-path"}
 
 
 @pytest.mark.parametrize("bug", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=v[1]) if k in OPEN_BUGS else ())

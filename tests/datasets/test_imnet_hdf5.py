@@ -131,3 +131,21 @@ def test_writer_refuses_wrong_point_count(tmp_path):
     data["points_64"], data["values_64"] = data["points_64"][:, :4096], data["values_64"][:, :4096]
     with pytest.raises(DataFormatError, match="points_64 has 4096 points"):
         write_imnet_hdf5(tmp_path / "w.hdf5", data)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_declared_but_unwritten_shapes_are_refused(tmp_path, chunked):
+    """Every key consistently declares 3 shapes but only the first is stored: the header lies about the
+    size (reading would return zeros), so the reader refuses it from the metadata."""
+    data = spec_arrays(1)
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        for key, arr in data.items():
+            shape = (3, *arr.shape[1:])
+            if chunked:
+                ds = f.create_dataset(key, shape=shape, dtype=np.uint8, chunks=(1, *arr.shape[1:]))
+                ds[0] = arr[0]
+            else:  # contiguous and never written: no storage allocated
+                f.create_dataset(key, shape=shape, dtype=np.uint8)
+    what = "1 of 3 chunks" if chunked else f"0 of {3 * 64**3} bytes"
+    with pytest.raises(DataFormatError, match=f"voxels declares shape .* stores only {what}"):
+        read_imnet_hdf5(tmp_path / "a.hdf5")

@@ -44,7 +44,8 @@ def load_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a triangle mesh (``.obj``, ``.off``, ``.ply``, ``.stl``) with trimesh, duplicate vertices merged.
 
     Returns vertices (V, 3) float64 and triangles (F, 3) int64. Raises :class:`MissingFileError` or
-    :class:`DataFormatError` (unknown suffix, no triangles).
+    :class:`DataFormatError` (unknown suffix, unreadable file, no triangles, a NaN / inf vertex, a face
+    index outside the vertices).
     """
     path = Path(path)
     if not path.is_file():
@@ -52,12 +53,23 @@ def load_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix.lower() not in MESH_SUFFIXES:
         raise DataFormatError(f"{path}: unsupported mesh suffix {path.suffix!r}; expected one of {MESH_SUFFIXES}")
     trimesh = require("trimesh", extra="points")
-    mesh = trimesh.load(path, force="mesh", process=True)
-    verts = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), np.float64)
-    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), np.int64)
+    # Loaded unprocessed so that the file's own vertices and faces are checked: processing would
+    # silently drop a non-finite vertex together with its triangles.
+    try:
+        raw = trimesh.load(path, force="mesh", process=False)
+    except Exception as exc:  # trimesh's loaders raise ValueError, IndexError, KeyError... for a malformed file
+        raise DataFormatError(f"{path}: not a readable mesh ({type(exc).__name__}: {exc})") from exc
+    verts = np.asarray(getattr(raw, "vertices", np.zeros((0, 3))), np.float64)
+    faces = np.asarray(getattr(raw, "faces", np.zeros((0, 3))), np.int64)
     if len(faces) == 0 or len(verts) == 0:
         raise DataFormatError(f"{path}: the mesh is empty (0 triangles); expected a closed triangle mesh")
-    return verts, faces
+    bad = ~np.isfinite(verts).all(axis=1)
+    if bad.any():
+        raise DataFormatError(f"{path}: {int(bad.sum())} vertices (first: index {int(np.argmax(bad))}) have NaN / inf coordinates")
+    if faces.min() < 0 or faces.max() >= len(verts):
+        raise DataFormatError(f"{path}: face indices span {faces.min()}..{faces.max()}; expected 0..{len(verts) - 1}")
+    mesh = trimesh.Trimesh(verts, faces, process=True)  # duplicate vertices merged, as before
+    return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
 
 
 def open_edge_count(triangles: np.ndarray) -> int:

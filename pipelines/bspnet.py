@@ -35,6 +35,7 @@ import torch
 
 from threefold.datasets.errors import ConfigError, DataFormatError
 from threefold.datasets.imnet_hdf5 import IMNetShapes, points_to_coords, read_imnet_hdf5, write_imnet_hdf5
+from threefold.datasets.paths import safe_output_path
 from threefold.datasets.splits import seed_everything
 from threefold.geometry.bspnet.evaluation import bspnet_metrics, convex_hull_mesh, sample_triangles, surface_points
 from threefold.geometry.bspnet.export import export_bsp_mesh
@@ -270,8 +271,10 @@ def evaluate_shapes(module: BSPNetModule, data_path: Path, out_dir: Path, ev: di
         pp, pn = surface_points(mesh, ev["n_sample"], ev["n_keep"], seed=seed + k)
         row.update(bspnet_metrics(pp, pn, gt_pts[k], gt_nrm[k], seed))
         acc.update(*(torch.as_tensor(a, dtype=torch.float64)[None] for a in (pp, gt_pts[k], pn, gt_nrm[k])))
-        path = export_bsp_mesh(mesh, out_dir / f"{name}_bsp.{ev['mesh_format']}", parts=ev["export_parts"])[0]
-        row["mesh"] = str(path.relative_to(out_dir.parent))
+        # shape names come from the data's name list: confined to out_dir
+        target = safe_output_path(out_dir, f"{name}_bsp.{ev['mesh_format']}")
+        path = export_bsp_mesh(mesh, target, parts=ev["export_parts"])[0]
+        row["mesh"] = str(path.relative_to(out_dir.resolve().parent))
         row["hull_over_bsp_cd"] = row["hull_cd_x1000"] / row["cd_x1000"] if row["cd_x1000"] > 0 else float("inf")
         rows.append(row)
     meshed = [r for r in rows if r["mesh"] is not None]

@@ -432,7 +432,6 @@ MESHES = {  # a tetrahedron, outward-facing triangles, in the OFF (Princeton) an
 }
 
 
-@pytest.mark.xfail(strict=True, reason="reader bug (see test_known_reader_bugs): load_mesh lets trimesh's errors escape")
 @FUZZ
 @given(name=st.sampled_from(sorted(MESHES)), damage=TEXT_DAMAGE)
 def test_fuzz_mesh(name, damage):
@@ -589,7 +588,8 @@ OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "q
                                "pdb-nan", "pdb-not-utf8", "mmcif-nan", "mmcif-not-a-number", "mmcif-quote",
                                "cif-not-utf8", "geom-not-a-mol",
                                "msd-not-json", "msd-entry-without-image", "msd-entry-not-a-dict", "msd-top-level-list",
-                               "msd-absolute-path", "msd-dotdot-path", "imnet-group"}
+                               "msd-absolute-path", "msd-dotdot-path", "imnet-group",
+                               "mesh-off-nan-vertex", "mesh-off-bad-index", "mesh-off-huge-count", "mesh-obj-bad-index"}
 
 
 @pytest.mark.parametrize("bug", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=v[1]) if k in OPEN_BUGS else ())

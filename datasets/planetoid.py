@@ -38,6 +38,25 @@ def planetoid_raw_dir(root: str | Path, name: str) -> Path:
     return root / "raw" if (root / "raw").is_dir() else root
 
 
+MAX_DENSE_ELEMENTS: int = 2**31  # refuse to densify more (8 GiB of float32): a forged shape, not data
+
+
+def _check_shape(matrix: object, path: Path, what: str) -> tuple[int, int]:
+    """Shape of a CSR / ndarray, validated before anything is densified."""
+    shape = getattr(matrix, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise DataFormatError(f"{path}: expected a 2-D {what}, got {type(matrix).__name__} with shape {shape}")
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 0 or cols < 0 or rows * cols > MAX_DENSE_ELEMENTS:
+        raise DataFormatError(f"{path}: {what} claims shape {shape}, more than {MAX_DENSE_ELEMENTS} dense elements")
+    if hasattr(matrix, "check_format"):
+        try:  # indices / indptr consistent with the claimed shape (else toarray() reads out of bounds)
+            matrix.check_format(full_check=True)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise DataFormatError(f"{path}: corrupt sparse {what} ({exc})") from exc
+    return rows, cols
+
+
 def _dense(matrix: object, path: Path, what: str) -> np.ndarray:
     """CSR (features) or ndarray (one-hot labels) -> dense 2-D ndarray."""
     if hasattr(matrix, "toarray"):
@@ -94,13 +113,26 @@ def load_planetoid(root: str | Path, name: str) -> Data:
         raise MissingFileError(f"Planetoid {name}: missing raw file(s) {', '.join(missing)}")
 
     raw = {key: safe_load_pickle(paths[key], PLANETOID_GLOBALS) for key in PLANETOID_KEYS if key not in ("graph", "test.index")}
-    x, tx, allx = (_dense(raw[k], paths[k], "feature matrix") for k in ("x", "tx", "allx"))
-    y, ty, ally = (_dense(raw[k], paths[k], "one-hot label matrix") for k in ("y", "ty", "ally"))
+    shapes = {k: _check_shape(raw[k], paths[k], "feature matrix" if "x" in k else "one-hot label matrix") for k in raw}
+    for k in ("tx", "allx"):
+        if shapes[k][1] != shapes["x"][1]:
+            raise DataFormatError(f"{paths[k]}: {shapes[k][1]} feature columns, but ind.{name}.x has {shapes['x'][1]}")
     graph = safe_load_pickle(paths["graph"], PLANETOID_GLOBALS)
     try:
         test_index = np.loadtxt(paths["test.index"], dtype=np.int64, ndmin=1)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise DataFormatError(f"{paths['test.index']}: expected one integer node id per line ({exc})") from exc
+    if test_index.size == 0:
+        raise DataFormatError(f"{paths['test.index']}: no test node ids")
+    # the node count comes from these files; bound it by what the other files describe
+    bound = max(len(graph) if isinstance(graph, dict) else 0, shapes["allx"][0] + shapes["tx"][0])
+    if test_index.max() >= bound:
+        raise DataFormatError(
+            f"{paths['test.index']}: test id {test_index.max()} exceeds the {bound} nodes described by "
+            f"ind.{name}.graph / allx / tx"
+        )
+    x, tx, allx = (_dense(raw[k], paths[k], "feature matrix") for k in ("x", "tx", "allx"))
+    y, ty, ally = (_dense(raw[k], paths[k], "one-hot label matrix") for k in ("y", "ty", "ally"))
 
     for key, arr, ref in (("tx", tx, x), ("allx", allx, x)):
         if arr.shape[1] != ref.shape[1]:

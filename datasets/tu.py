@@ -56,6 +56,24 @@ def _read_floats(path: Path) -> np.ndarray:
     return arr
 
 
+MAX_ONE_HOT_ELEMENTS: int = 2**28  # 1 GiB of float32
+
+
+def _one_hot(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """One-hot ``(n, max+1) float32`` of non-negative ints, refused when the ids are so sparse or
+    large that the matrix is a forged size rather than a label set."""
+    width = int(values.max()) + 1 if values.size else 0
+    distinct = int(np.unique(values).size)
+    if width > 2 * distinct + 64 or values.size * width > MAX_ONE_HOT_ELEMENTS:
+        raise DataFormatError(
+            f"{path}: {what} ids reach {width - 1} with only {distinct} distinct values; expected consecutive "
+            f"small integers (a one-hot of {values.size} × {width} would be built)"
+        )
+    out = np.zeros((values.size, width), dtype=np.float32)
+    out[np.arange(values.size), values] = 1.0
+    return out
+
+
 def load_tu(root: str | Path, name: str) -> list[Data]:
     """Read TU dataset ``name`` into a list of graphs.
 
@@ -74,6 +92,8 @@ def load_tu(root: str | Path, name: str) -> list[Data]:
     indicator = _read_ints(path["graph_indicator"], 1)[:, 0] - 1
     graph_labels = _read_ints(path["graph_labels"], 1)[:, 0]
     num_nodes, num_graphs = indicator.shape[0], graph_labels.shape[0]
+    if num_nodes == 0 or num_graphs == 0:
+        raise DataFormatError(f"{path['graph_indicator']}: {num_nodes} nodes and {num_graphs} graph labels; expected at least one of each")
     if indicator.min() != 0 or indicator.max() != num_graphs - 1:
         raise DataFormatError(
             f"{path['graph_indicator']}: graph ids must span 1..{num_graphs} (lines of {path['graph_labels'].name}), "
@@ -100,11 +120,14 @@ def load_tu(root: str | Path, name: str) -> list[Data]:
             raise DataFormatError(f"{path['node_labels']}: {node_labels.shape[0]} rows, expected {num_nodes} (one per node)")
         node_labels = node_labels - node_labels.min(axis=0)
         for col in node_labels.T:
-            features.append(np.eye(int(col.max()) + 1, dtype=np.float32)[col])
+            features.append(_one_hot(col, path["node_labels"], "node label"))
         source.append("one_hot(node_labels)")
     if not features:
         degree = np.bincount(edges[:, 0], minlength=num_nodes)
-        features.append(np.eye(int(degree.max()) + 1, dtype=np.float32)[degree])
+        width = int(degree.max()) + 1
+        if num_nodes * width > MAX_ONE_HOT_ELEMENTS:
+            raise DataFormatError(f"{path['A']}: one-hot degree features would be {num_nodes} × {width}; too large")
+        features.append(np.eye(width, dtype=np.float32)[degree])
         source.append("one_hot(degree)")
     x = np.concatenate(features, axis=1)
 

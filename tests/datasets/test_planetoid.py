@@ -175,3 +175,21 @@ def test_all_missing_files_listed(tiny):
     shutil.rmtree(folder)
     with pytest.raises(MissingFileError):
         load_planetoid(folder, "toy")
+
+
+def test_forged_test_id_and_csr_refused(tiny):
+    folder, items, _ = tiny
+    (folder / "ind.toy.test.index").write_text("502\n503\n5000000\n")
+    with pytest.raises(DataFormatError, match=r"test id 5000000 exceeds the 505 nodes"):
+        load_planetoid(folder, "toy")
+    _write_tiny(folder)
+    forged = sp.csr_matrix(np.eye(2, 4, dtype=np.float32))
+    forged._shape = (2, 400_000_000)  # a tiny matrix that claims 400 M columns
+    (folder / "ind.toy.x").write_bytes(pickle.dumps(forged, protocol=4))
+    with pytest.raises(DataFormatError, match=r"ind\.toy\.x"):
+        load_planetoid(folder, "toy")
+    bad = sp.csr_matrix(np.eye(2, 4, dtype=np.float32))
+    bad.indices[0] = 99  # column index outside the shape: toarray() would write out of bounds
+    (folder / "ind.toy.x").write_bytes(pickle.dumps(bad, protocol=4))
+    with pytest.raises(DataFormatError, match=r"ind\.toy\.x"):
+        load_planetoid(folder, "toy")

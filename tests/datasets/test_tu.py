@@ -99,3 +99,12 @@ def test_missing_files(tmp_path):
     (tmp_path / "TOY" / "TOY_graph_labels.txt").unlink()
     with pytest.raises(MissingFileError, match="TOY_graph_labels.txt"):
         load_tu(tmp_path, "TOY")
+
+
+def test_forged_sizes_refused(tmp_path):
+    _write(tmp_path / "TOY", nl="0\n1\n1\n2\n8000\n")  # one id of 8000: a 5 × 8001 one-hot is not a label set
+    with pytest.raises(DataFormatError, match="node label ids reach 8000"):
+        load_tu(tmp_path, "TOY")
+    _write(tmp_path / "TOY", ind="", nl="0\n1\n1\n2\n0\n")
+    with pytest.raises(DataFormatError, match="graph_indicator"):
+        load_tu(tmp_path, "TOY")

@@ -149,13 +149,20 @@ def dot_product_scores(emb: Tensor, pairs: Tensor) -> Tensor:
 
 
 class HadamardLinkProbe(nn.Module):
-    """MLP on ``h_u ⊙ h_v`` (one hidden layer, as the reference's LinkPredictor) → link probability."""
+    """MLP on ``h_u ⊙ h_v`` (one hidden layer, as the reference's LinkPredictor) → link probability.
 
-    def __init__(self, dim: int, hidden: int = 256) -> None:
+    ``standardise`` z-scores the embedding with its per-dimension statistics over all nodes (taken
+    in :meth:`fit`) so that the probe does not depend on the embedding's overall scale."""
+
+    def __init__(self, dim: int, hidden: int = 256, standardise: bool = True) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.standardise = standardise
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
 
     def forward(self, emb: Tensor, pairs: Tensor) -> Tensor:
+        emb = (emb - self.mean) / self.std
         return torch.sigmoid(self.mlp(emb[pairs[0]] * emb[pairs[1]]).squeeze(1))
 
     def fit(
@@ -163,6 +170,9 @@ class HadamardLinkProbe(nn.Module):
     ) -> "HadamardLinkProbe":
         """Full-batch BCE on positive / negative training pairs ``(2, P)``."""
         emb = emb.detach()
+        if self.standardise:
+            self.mean = emb.mean(0)
+            self.std = emb.std(0).clamp(min=1e-6)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             for layer in self.mlp:

@@ -209,17 +209,17 @@ def _node_metrics(embs: dict[str, torch.Tensor], graph: Data, gen: torch.Generat
 
 
 def _link_metrics(embs: dict[str, torch.Tensor], split, num_nodes: int, seed: int) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {k: {} for k in ("link/dot[ROC-AUC]", "link/dot[AP]", "link/hadamard-mlp[ROC-AUC]", "link/hadamard-mlp[AP]")}
+    keys = ("dot", "hadamard-mlp", "hadamard-mlp-raw")
+    out: dict[str, dict[str, float]] = {f"link/{k}[{m}]": {} for k in keys for m in ("ROC-AUC", "AP")}
     half = split.train_edge_index[:, : split.train_edge_index.shape[1] // 2]
     train_neg = torch.from_numpy(sample_non_edges(split.train_edge_index, num_nodes, half.shape[1], np.random.default_rng(seed)))
     pairs = torch.cat([split.test_pos, split.test_neg], 1)
     target = torch.cat([torch.ones(split.test_pos.shape[1]), torch.zeros(split.test_neg.shape[1])]).long()
     for name, z in embs.items():
         z = z.cpu()
-        for key, scores in (
-            ("dot", dot_product_scores(z, pairs)),
-            ("hadamard-mlp", HadamardLinkProbe(z.shape[1]).fit(z, half, train_neg, torch.Generator().manual_seed(seed))(z, pairs).detach()),
-        ):
+        probe = lambda std: HadamardLinkProbe(z.shape[1], standardise=std).fit(  # noqa: E731
+            z, half, train_neg, torch.Generator().manual_seed(seed))(z, pairs).detach()
+        for key, scores in (("dot", dot_product_scores(z, pairs)), ("hadamard-mlp", probe(True)), ("hadamard-mlp-raw", probe(False))):
             acc = BinaryRankingMetrics()
             acc.update(scores, target)
             res = acc.compute()

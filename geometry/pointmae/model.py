@@ -190,9 +190,10 @@ class PointMAEEncoder(nn.Module):
 def patch_chamfer_l2(pred: Tensor, target: Tensor) -> Tensor:
     """Chamfer-L2 of Point-MAE (§3.3): per patch, squared nearest-neighbour distances averaged in each
     direction and the two means summed; averaged over patches. ``(P, k, 3)`` each -> scalar.
-    Computed in float32 whatever the autocast dtype: squared distances of patch points (~1e-4) lose
+    Computed in at least float32 whatever the autocast dtype: squared distances of patch points (~1e-4) lose
     most of their digits in bfloat16."""
-    return chamfer_distance(pred.float(), target.float(), squared=True, reduction="sum").mean()
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    return chamfer_distance(pred.to(dtype), target.to(dtype), squared=True, reduction="sum").mean()
 
 
 class PointMAE(nn.Module):

@@ -10,7 +10,7 @@ an enormous number / garbage, a non-UTF-8 byte, dropped or duplicated lines — 
 
 Examples per test: ``THREEFOLD_FUZZ_EXAMPLES`` (default 25), derandomized so CI is reproducible;
 ``THREEFOLD_FUZZ_EXAMPLES=2000 pytest tests/reliability -k fuzz`` for a long run.
-Readers with a bug found here carry ``xfail(strict=True)`` naming it: the marker must go when the bug is fixed.
+The minimal inputs that exposed reader bugs stay below as regression cases (test_known_reader_bugs).
 """
 
 from __future__ import annotations
@@ -137,10 +137,7 @@ def _load_planetoid(folder: Path):
     return planetoid.load_planetoid(folder, "cora")
 
 
-# The csr feature files (x, tx, allx) are left out: a damaged one corrupts the heap inside
-# scipy's toarray() and takes the test process down (test_known_reader_bugs[planetoid-csr-indices]).
-# Add them back when that is fixed.
-PLANETOID_KEYS = ["y", "ty", "ally", "graph", "test.index"]
+PLANETOID_KEYS = ["x", "tx", "allx", "y", "ty", "ally", "graph", "test.index"]
 
 
 @FUZZ
@@ -162,9 +159,9 @@ def test_fuzz_planetoid_pickles(key, damage):
 
 
 @pytest.mark.parametrize("line", [0, 1])
-@pytest.mark.parametrize("token", [t for t in TOKENS if t != str(HUGE)] + ["503.5", "504 504", "9" * 30])
+@pytest.mark.parametrize("token", TOKENS + ["503.5", "504 504", "9" * 30])
 def test_fuzz_planetoid_test_index(token, line):
-    """Every token in either line (exhaustive: the space is small). HUGE is a known bug, see below."""
+    """Every token in either line (exhaustive: the space is small)."""
     files, _ = planetoid_files()
     ids = files["ind.fuzz.test.index"].decode().split("\n")
     ids[line] = token
@@ -582,18 +579,7 @@ KNOWN_BUGS = {
 }
 
 
-# Cases whose reader still has the bug; a fixed case leaves this set in the fix's commit and stays
-# below as a regression test.
-OPEN_BUGS = set(KNOWN_BUGS) - {"qm9-nan", "qm9-not-utf8", "qm9-nan-property", "qm9-bad-index",
-                               "pdb-nan", "pdb-not-utf8", "mmcif-nan", "mmcif-not-a-number", "mmcif-quote",
-                               "cif-not-utf8", "geom-not-a-mol",
-                               "msd-not-json", "msd-entry-without-image", "msd-entry-not-a-dict", "msd-top-level-list",
-                               "msd-absolute-path", "msd-dotdot-path", "imnet-group",
-                               "mesh-off-nan-vertex", "mesh-off-bad-index", "mesh-off-huge-count", "mesh-obj-bad-index"}
-
-
-@pytest.mark.parametrize("bug", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=v[1]) if k in OPEN_BUGS else ())
-                                 for k, v in KNOWN_BUGS.items()])
+@pytest.mark.parametrize("bug", sorted(KNOWN_BUGS))
 def test_known_reader_bugs(bug):
-    """Minimal inputs the fuzz tests above found mishandled; each must be refused with a threefold error."""
+    """Minimal inputs the fuzz tests above found mishandled (all fixed since); each must be refused with a threefold error."""
     KNOWN_BUGS[bug][0]()

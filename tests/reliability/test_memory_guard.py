@@ -5,7 +5,6 @@ Each case forges a small file (at most a few hundred kB) whose header promises f
 it holds; the reader runs under ``tracemalloc`` (NumPy reports its buffers to it, including the
 lazily zeroed ones of ``np.zeros``/``calloc``, so a refused-too-late allocation shows even though the
 pages were never touched). Contract: a :class:`ThreefoldError`, and a traced peak under ``LIMIT``.
-Cases whose reader fails the guard today carry ``xfail(strict=True)`` naming the bug.
 """
 
 from __future__ import annotations
@@ -139,21 +138,14 @@ def _imnet(tmp: Path) -> Callable[[], object]:
     return lambda: read_imnet_hdf5(tmp / "a.hdf5")
 
 
-def _bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"reader bug reported in issue #10 work: {reason}")
-
-
 @pytest.mark.parametrize("forge", [
     pytest.param(_npy, id="npy-shape"),
     pytest.param(_ply, id="ply-vertex-count"),
     pytest.param(_pcd, id="pcd-points"),
     pytest.param(_nifti, id="nifti-dims"),
-    pytest.param(_tu, id="tu-node-label", marks=_bug("load_tu one-hot encodes node labels with np.eye(max+1): "
-                                                       "a label 8000 allocates 256 MB")),
-    pytest.param(_planetoid_test_index, id="planetoid-test-index", marks=_bug(
-        "load_planetoid sizes the graph by max(test.index)+1 without a bound")),
-    pytest.param(_planetoid_csr_shape, id="planetoid-csr-shape", marks=_bug(
-        "load_planetoid calls csr.toarray() on the pickled shape before checking it")),
+    pytest.param(_tu, id="tu-node-label"),
+    pytest.param(_planetoid_test_index, id="planetoid-test-index"),
+    pytest.param(_planetoid_csr_shape, id="planetoid-csr-shape"),
     pytest.param(_imnet, id="imnet-hdf5-shape"),
 ])
 def test_enormous_declared_size_is_refused_before_allocating(tmp_path, forge):

@@ -51,9 +51,17 @@ def _check_shape(matrix: object, path: Path, what: str) -> tuple[int, int]:
         raise DataFormatError(f"{path}: {what} claims shape {shape}, more than {MAX_DENSE_ELEMENTS} dense elements")
     if hasattr(matrix, "check_format"):
         try:  # indices / indptr consistent with the claimed shape (else toarray() reads out of bounds)
+            kinds = {k: getattr(getattr(matrix, k), "dtype", np.dtype(object)).kind for k in ("indptr", "indices", "data")}
+            if kinds["indptr"] not in "iu" or kinds["indices"] not in "iu" or kinds["data"] not in "biuf":
+                # check_format only warns about float indices, and toarray() then misreads them
+                raise ValueError(f"index arrays must be integers and data numeric, got dtype kinds {kinds}")
+            if matrix.indptr.size and matrix.indptr[-1] != matrix.indices.size:
+                raise ValueError(f"indptr ends at {matrix.indptr[-1]} but {matrix.indices.size} entries are stored")  # scipy would drop the rest
             matrix.check_format(full_check=True)
-        except (ValueError, TypeError, IndexError) as exc:
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
             raise DataFormatError(f"{path}: corrupt sparse {what} ({exc})") from exc
+        if not np.isfinite(matrix.data).all():
+            raise DataFormatError(f"{path}: {what} holds NaN or infinite values")
     return rows, cols
 
 

@@ -127,7 +127,9 @@ def load_tu(root: str | Path, name: str) -> list[Data]:
         width = int(degree.max()) + 1
         if num_nodes * width > MAX_ONE_HOT_ELEMENTS:
             raise DataFormatError(f"{path['A']}: one-hot degree features would be {num_nodes} × {width}; too large")
-        features.append(np.eye(width, dtype=np.float32)[degree])
+        one_hot = np.zeros((num_nodes, width), np.float32)  # not np.eye(width): duplicate edges make width >> num_nodes
+        one_hot[np.arange(num_nodes), degree] = 1.0
+        features.append(one_hot)
         source.append("one_hot(degree)")
     x = np.concatenate(features, axis=1)
 

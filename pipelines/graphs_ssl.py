@@ -38,14 +38,11 @@ from threefold.graphs.selftask.joint import SelfTaskGCN
 from threefold.pipelines.config import RunConfig, config_to_dict
 from threefold.pipelines.engine import RunContext, write_metrics
 from threefold.pipelines.metrics import BinaryRankingMetrics, MulticlassAccuracy
+from threefold.pipelines.planetoid_gcn import shallow_copy
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
 
 # ----------------------------------------------------------------------------------------- data
-def _identity(batch: Any) -> Any:
-    return batch
-
-
 class OneBatch(L.LightningDataModule):
     """Serves one ``Data`` (a graph or a disjoint union of graphs) as the single batch of each epoch."""
 
@@ -54,7 +51,7 @@ class OneBatch(L.LightningDataModule):
         self.graph = graph
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader([self.graph], batch_size=None, collate_fn=_identity)
+        return torch.utils.data.DataLoader([self.graph], batch_size=None, collate_fn=shallow_copy)
 
 
 def load_planetoid_graph(data_root: Path | None, dataset: str) -> tuple[Data, str]:

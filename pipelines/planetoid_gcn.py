@@ -14,6 +14,8 @@ reported accuracy is computed once over every test node, never twice.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,10 @@ def load_graph(data_root: Path | None, dataset: str) -> Data:
     return NormalizeFeatures()(graph)
 
 
-def _identity(batch: Any) -> Any:
-    return batch
+def shallow_copy(graph: Data) -> Data:
+    """A new ``Data`` sharing the tensors: Lightning moves a batch with ``Data.to``, which PyG does in
+    place, so serving the original would leave the caller's graph on the GPU after training."""
+    return copy.copy(graph)
 
 
 class GraphDataModule(L.LightningDataModule):
@@ -89,7 +93,7 @@ class GraphDataModule(L.LightningDataModule):
         self.graph = graph
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader([self.graph], batch_size=None, collate_fn=_identity)
+        return torch.utils.data.DataLoader([self.graph], batch_size=None, collate_fn=shallow_copy)
 
     def train_dataloader(self):
         return self._loader()

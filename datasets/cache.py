@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.paths import atomic_write
 
 MAGIC = b"TFCACHE1"  # format version: bump when the entry layout changes
 _DIGEST = hashlib.sha256().digest_size
@@ -124,19 +124,7 @@ class FeatureCache:
         np.savez(buf, **arrays)
         payload = buf.getvalue()
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + hashlib.sha256(payload).digest())
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: f.write(MAGIC + hashlib.sha256(payload).digest() + payload))
         return path
 
     def get_or_build(self, inputs: Sequence[str | os.PathLike[str]],

@@ -10,7 +10,10 @@ turns such a name into a path, and refuses every escape with an error naming the
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 from threefold.datasets.errors import ConfigError
 
@@ -50,3 +53,22 @@ def safe_output_path(root: str | os.PathLike[str], relative: str | os.PathLike[s
     if target != base and base not in target.parents:
         raise UnsafePathError(f"{where}: resolves to {target}, outside {base} (a symbolic link escapes the folder)")
     return target
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` with ``write(file)`` so that readers see either the old file or the complete new
+    one: a temp file in the same folder, flushed and fsynced, then renamed into place (``os.replace``
+    is atomic on one file system). A failure or a kill before the rename leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.paths import atomic_write
 from threefold.pipelines.config import RunConfig, TrainerConfig
 
 
@@ -46,18 +46,7 @@ def _plain_checkpoint_io():
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` so that readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -373,11 +373,7 @@ class ShapeNetPointMAEPretrain(Pipeline):
         _check_batch(len(train), cfg.trainer.batch_size, self.name)
         module = PretrainModule({"config": config_to_dict(cfg)})
         dm = ObjectDataModule(train, test, cfg.trainer.batch_size, cfg.trainer.num_workers, cfg.seed)
-        trainer = ctx.fit(module, dm)
-        trainer.test(module, datamodule=dm, verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
-        if trainer.is_global_zero:
-            ctx.export_weights(module.model)
+        trainer, metrics = _fit_test_export(ctx, module, dm)
         return {
             "pipeline": self.name,
             "dataset": "embedded-procedural" if ctx.data is None else "shapenet55",
@@ -388,6 +384,15 @@ class ShapeNetPointMAEPretrain(Pipeline):
             "global_step": int(trainer.global_step),
             "protocol": "held-out test split, fixed masks; baseline: nearest visible patch, re-centred",
         }
+
+
+def _fit_test_export(ctx: RunContext, module: L.LightningModule, dm: L.LightningDataModule) -> tuple[Any, dict[str, float]]:
+    """Train, test the final model, export its weights (rank 0); the trainer and the ``test_*`` metrics."""
+    trainer = ctx.fit(module, dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    if trainer.is_global_zero:
+        ctx.export_weights(module.model)
+    return trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
 
 
 def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:
@@ -410,11 +415,7 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
     if cfg.pretrained:
         loaded = module.model.load_encoder(pretrained_state(cfg.pretrained), cfg.pretrained)
     dm = ObjectDataModule(train, test, cfg.trainer.batch_size, cfg.trainer.num_workers, cfg.seed)
-    trainer = ctx.fit(module, dm)
-    trainer.test(module, datamodule=dm, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
-    if trainer.is_global_zero:
-        ctx.export_weights(module.model)
+    trainer, metrics = _fit_test_export(ctx, module, dm)
     return {
         "pipeline": pipe.name,
         "dataset": "embedded-procedural" if ctx.data is None else dataset,

@@ -28,8 +28,8 @@ pieces Lightning leaves to the user:
 Exactness holds when data loading itself draws no numbers from the process-global generators (a
 random transform takes its own ``torch.Generator`` or runs in a worker, whose seed here depends
 only on ``(seed, epoch)``). Under DDP every rank keeps its shard of one padded permutation
-(``DistributedSampler`` semantics); the RNG state restored on every rank is rank 0's, so dropout
-masks after a DDP resume differ from an uninterrupted run's (the data order does not).
+(``DistributedSampler`` semantics), and the checkpoint holds every rank's generator states (gathered
+while the checkpoint is dumped, which all ranks do), so each rank resumes with its own dropout masks.
 """
 
 from __future__ import annotations
@@ -195,25 +195,54 @@ def _flatten(obj: Any) -> list[Any]:
     return [obj]
 
 
+def _rng_state() -> dict[str, Any]:
+    """The process-global Python, NumPy, torch CPU (and initialised CUDA) generator states, in a form
+    ``torch.load(weights_only=True)`` accepts (tensors and plain Python values, no numpy arrays)."""
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(keys), "gauss_next": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(mt.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
 class ResumeStateCallback(L.Callback):
     """Saves the process-global RNG states in each checkpoint and restores them when a fit resumes;
     advances every :class:`ResumableDataLoader`'s count of finished training steps."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        version, keys, gauss = random.getstate()
-        name, mt, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        state: dict[str, Any] = {
-            "python": {"version": version, "state": list(keys), "gauss_next": gauss},
-            # weights_only loading accepts tensors but not numpy arrays
-            "numpy": {"name": name, "keys": torch.from_numpy(mt.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        """Rank 0's states at the top level (the single-process layout) and, under DDP, every rank's
+        under ``"ranks"``. Lightning dumps checkpoints on all ranks (only rank 0 writes), so the
+        gather below is a collective every rank reaches."""
+        state = _rng_state()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * world
+            torch.distributed.all_gather_object(ranks, state)
+            return {**ranks[0], "ranks": ranks}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -223,14 +252,11 @@ class ResumeStateCallback(L.Callback):
         if self._pending is None:
             return
         s, self._pending = self._pending, None
-        py = s["python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-        n = s["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        torch.set_rng_state(s["torch"])
-        if "cuda" in s and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
+        ranks = s.get("ranks")
+        if ranks is not None and len(ranks) != trainer.world_size:
+            raise ConfigError(f"the checkpoint holds the RNG states of {len(ranks)} ranks but this run has "
+                              f"{trainer.world_size}: resume with the world size it was saved with")
+        _set_rng_state(ranks[trainer.global_rank] if ranks is not None else s)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

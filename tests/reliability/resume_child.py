@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import hashlib
 import random
 import signal
 import sys
@@ -77,7 +78,7 @@ class PointClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         name = "order.jsonl" if self.trainer.world_size == 1 else f"order-rank{self.global_rank}.jsonl"
         with (self.order_dir / name).open("a") as f:
-            f.write(json.dumps({"step": self.global_step, "index": batch["index"]}) + "\n")
+            f.write(json.dumps({"step": self.global_step, "index": batch["index"], "rng": _rng_fingerprint()}) + "\n")
         batch = dict(batch, coord=batch["coord"] + 0.01 * torch.randn_like(batch["coord"]))
         weight = 1.0 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
         loss = weight * torch.nn.functional.cross_entropy(self(batch), batch["cls"])
@@ -92,6 +93,14 @@ class PointClassifier(L.LightningModule):
         opt = torch.optim.Adam(self.parameters(), lr=0.01)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _rng_fingerprint() -> str:
+    """A digest of the three process-global generators' states as a training step starts."""
+    h = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    h.update(np.random.get_state(legacy=True)[1].tobytes())
+    h.update(repr(random.getstate()).encode())
+    return h.hexdigest()[:16]
 
 
 class Data(L.LightningDataModule):

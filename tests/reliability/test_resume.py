@@ -17,7 +17,7 @@ and the resumable loader with the RNG restore switched off (dropout / jitter div
 
 DDP (2 gloo processes on CPU): the ranks' batches are disjoint and cover each epoch, the checkpoint
 holds the mid-epoch position, and a run resumed from a mid-epoch checkpoint gives each rank the
-batches it had. (Resuming from an intermediate checkpoint stands in for the kill here: SIGKILL of
+batches it had and the generator states it had. (Resuming from an intermediate checkpoint stands in for the kill here: SIGKILL of
 rank 0 would leave rank 1 blocked in a collective.)
 """
 
@@ -124,9 +124,16 @@ def test_negative_controls_diverge(runs, control, reference):
         assert any(ref_order[s] != idx for s, idx in _steps(runs[control])[14:])
 
 
+def _rank_rows(run_dir: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / f"order-rank{rank}.jsonl").read_text().splitlines()]
+
+
 def _rank_steps(run_dir: Path, rank: int) -> dict[int, list[int]]:
-    rows = map(json.loads, (run_dir / f"order-rank{rank}.jsonl").read_text().splitlines())
-    return {r["step"]: r["index"] for r in rows}
+    return {r["step"]: r["index"] for r in _rank_rows(run_dir, rank)}
+
+
+def _rank_rng(run_dir: Path, rank: int) -> dict[int, str]:
+    return {r["step"]: r["rng"] for r in _rank_rows(run_dir, rank)}
 
 
 @pytest.mark.slow
@@ -144,3 +151,9 @@ def test_ddp_shards_and_mid_epoch_resume(runs):
         resumed = _rank_steps(runs["ddp-resumed"], r)
         assert sorted(resumed) == list(range(DDP_RESUME_STEP, 15))
         assert resumed == {s: full[r][s] for s in resumed}
+    # Each rank resumes with its own generator states (dropout, jitter), not rank 0's.
+    rng = [_rank_rng(runs["ddp"], r) for r in (0, 1)]
+    assert rng[0][DDP_RESUME_STEP] != rng[1][DDP_RESUME_STEP]  # the ranks' states really differ
+    for r in (0, 1):
+        resumed = _rank_rng(runs["ddp-resumed"], r)
+        assert resumed == {s: rng[r][s] for s in resumed}, r

@@ -385,6 +385,43 @@ class ShapeNetPointMAEPretrain(Pipeline):
             "protocol": "held-out test split, fixed masks; baseline: nearest visible patch, re-centred",
         }
 
+    def figures(self, cfg: PretrainConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, then masked input / reconstruction / ground truth of the first test shape of up to
+        four categories, from the final checkpoint with masks drawn by the fixed held-out generator."""
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_points import plot_point_reconstructions
+
+        paths = super().figures(cfg, run_dir, metrics)
+        ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
+        if not (ckpt.is_file() and data.is_file()):
+            return paths
+        stored = load_checkpoint(ckpt)
+        module = PretrainModule(stored["hyper_parameters"])
+        module.load_state_dict(stored["state_dict"])
+        model = module.model.eval()
+        test = ShapeNet55(Path(data.read_text().strip()), "test", cfg.num_points, seed=cfg.seed)
+        first: dict[str, int] = {}
+        for i, name in enumerate(test.files):
+            first.setdefault(name.split("-", 1)[0], i)
+        batch = collate_objects([test[i] for i in list(first.values())[:4]])
+        with torch.no_grad():
+            out = model(batch["coord"], _step_generator(12345, 0, batch["coord"].device))
+        visible, predicted, target, names = [], [], [], []
+        for b, mask in enumerate(out["mask"]):
+            centres = out["centers"][b]
+            visible.append((out["patches"][b][~mask] + centres[~mask, None]).reshape(-1, 3).numpy())
+            predicted.append((out["pred"][b] + centres[mask, None]).reshape(-1, 3).numpy())
+            target.append((out["target"][b] + centres[mask, None]).reshape(-1, 3).numpy())
+            cd = float(patch_chamfer_l2(out["pred"][b], out["target"][b]))
+            names.append(f"{batch['name'][b]}, CD-L2 {cd:.4f}")
+        caption = (f"Point-MAE masked point modelling on held-out shapes, final checkpoint (mask ratio "
+                   f"{cfg.model.mask_ratio}, {cfg.model.num_group} patches x {cfg.model.group_size} points): masked input, "
+                   "reconstruction, ground truth; visible points blue, masked orange; CD-L2 of the masked patches: "
+                   + ", ".join(names))
+        paths.append(plot_point_reconstructions(figures_dir(run_dir) / "reconstructions.png", visible, predicted,
+                                                target, names, caption))
+        return paths
+
 
 def _fit_test_export(ctx: RunContext, module: L.LightningModule, dm: L.LightningDataModule) -> tuple[Any, dict[str, float]]:
     """Train, test the final model, export its weights (rank 0); the trainer and the ``test_*`` metrics."""
@@ -395,20 +432,25 @@ def _fit_test_export(ctx: RunContext, module: L.LightningModule, dm: L.Lightning
     return trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
 
 
-def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:
-    seed_everything(cfg.seed)
+def _finetune_sets(cfg: FinetuneConfig, root: Path, dataset: str):
+    """Training (augmented) and test sets of a fine-tuning run, few-shot episode applied."""
     augment = ScaleAndTranslate()
     if dataset == "modelnet40":
-        root = _data_root(ctx, "modelnet40", cfg.sample)
         src = _modelnet_source(root, cfg)
         train = ModelNet40(root, "train", src, transform=augment, seed=cfg.seed)
         test = ModelNet40(root, "test", src, seed=cfg.seed)
     else:
-        root = _data_root(ctx, "scanobjectnn", cfg.sample)
         train = ScanObjectNN(root, "train", cfg.dataset_variant, None, transform=augment, seed=cfg.seed)
         test = ScanObjectNN(root, "test", cfg.dataset_variant, None, seed=cfg.seed)
     if cfg.fewshot_way > 0:
         train, test = few_shot_episode(train, test, cfg.fewshot_way, cfg.fewshot_shot, cfg.fewshot_query, cfg.seed)
+    return train, test
+
+
+def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    root = _data_root(ctx, dataset, cfg.sample)
+    train, test = _finetune_sets(cfg, root, dataset)
     _check_batch(len(train), cfg.trainer.batch_size, pipe.name)
     module = FinetuneModule({"config": config_to_dict(cfg), "num_classes": train.num_classes})
     loaded = 0
@@ -452,13 +494,55 @@ def _finetune_from_checkpoint(checkpoint: Path) -> FinetuneModule:
     return module
 
 
+def per_class_figures(out_dir: Path, pred: np.ndarray, target: np.ndarray, class_names: list[str], what: str) -> list[Path]:
+    """Per-class accuracy (recall) bars and the confusion matrix of (N,) int predictions and targets."""
+    from threefold.pipelines.figures import plot_confusion_matrix, plot_per_class
+
+    acc = ClassificationMetrics(len(class_names))
+    acc.update(torch.as_tensor(pred), torch.as_tensor(target))
+    conf = acc.confmat.double().numpy()
+    support = conf.sum(1)
+    recall = np.where(support > 0, conf.diagonal() / np.maximum(support, 1), np.nan)
+    per_class = dict(zip(class_names, recall.tolist()))
+    caption = (f"{what}: per-class test accuracy (recall), mean over present classes {np.nanmean(recall):.4f}, "
+               f"overall {conf.diagonal().sum() / conf.sum():.4f}: "
+               + ", ".join(f"{c} " + ("n/a" if np.isnan(r) else f"{r:.4f}") for c, r in per_class.items()))
+    return [plot_per_class({"accuracy": per_class}, out_dir / "per_class_accuracy.png", caption=caption),
+            plot_confusion_matrix(conf, out_dir / "confusion_matrix.png", class_names,
+                                  caption=f"{what}: test confusion matrix (rows: ground truth, each row divided by "
+                                          "its number of test shapes).")]
+
+
 class _FinetunePipeline(Pipeline):
+    dataset = ""
+
     def load(self, cfg: FinetuneConfig, checkpoint: Path) -> ClassifierPredictor:
         return ClassifierPredictor(_finetune_from_checkpoint(checkpoint))
+
+    def figures(self, cfg: FinetuneConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, then per-class test accuracy and the confusion matrix of the final checkpoint
+        (single pass on FPS'd test clouds, as ``test_acc``)."""
+        from threefold.pipelines.figures import figures_dir
+
+        paths = super().figures(cfg, run_dir, metrics)
+        ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
+        if not (ckpt.is_file() and data.is_file()):
+            return paths
+        _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
+        predictor = self.load(cfg, ckpt)
+        preds, targets = [], []
+        for start in range(0, len(test), max(1, cfg.trainer.batch_size)):
+            batch = collate_objects([test[i] for i in range(start, min(len(test), start + cfg.trainer.batch_size))])
+            preds.append(predictor.predict(batch["coord"]))
+            targets.append(batch["category"])
+        what = f"{self.name}, final checkpoint"
+        return paths + per_class_figures(figures_dir(run_dir), torch.cat(preds).numpy(), torch.cat(targets).numpy(),
+                                         list(test.class_names), what)
 
 
 @register_pipeline
 class ModelNet40PointMAEFinetune(_FinetunePipeline):
+    dataset = "modelnet40"
     name = "modelnet40-pointmae-finetune"
     description = "Point-MAE fine-tuning for ModelNet40 classification (Pang et al. 2022)"
     config_class = FinetuneConfig
@@ -469,6 +553,7 @@ class ModelNet40PointMAEFinetune(_FinetunePipeline):
 
 @register_pipeline
 class ScanObjectNNPointMAEFinetune(_FinetunePipeline):
+    dataset = "scanobjectnn"
     name = "scanobjectnn-pointmae-finetune"
     description = "Point-MAE fine-tuning for ScanObjectNN (OBJ-BG / OBJ-ONLY / PB_T50_RS) classification"
     config_class = FinetuneConfig
@@ -518,7 +603,10 @@ class ModelNet40PointMAESVM(Pipeline):
         x_train, y_train = _features(enc, train, cfg, device)
         x_test, y_test = _features(enc, test, cfg, device)
         svm = SVC(kernel="linear", C=cfg.svm_c).fit(x_train, y_train)
-        acc = float((svm.predict(x_test) == y_test).mean())
+        pred = svm.predict(x_test)
+        acc = float((pred == y_test).mean())
+        np.savez_compressed(ctx.run_dir / "svm_test.npz", features=x_test, labels=y_test, pred=pred,
+                            class_names=np.asarray(test.class_names))
         result = {
             "pipeline": self.name,
             "dataset": "embedded-procedural" if ctx.data is None else "modelnet40",
@@ -532,3 +620,22 @@ class ModelNet40PointMAESVM(Pipeline):
         }
         write_metrics(ctx.run_dir / "svm.json", result)
         return result
+
+    def figures(self, cfg: SVMConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Per-class test accuracy and confusion matrix of the linear SVM, and a PCA of the frozen
+        max-pooled test features coloured by class (from ``svm_test.npz``)."""
+        from threefold.pipelines.figures import figures_dir, plot_embedding
+
+        paths = super().figures(cfg, run_dir, metrics)
+        saved = run_dir / "svm_test.npz"
+        if not saved.is_file():
+            return paths
+        with np.load(saved) as f:
+            x, y, pred, names = f["features"], f["labels"], f["pred"], [str(c) for c in f["class_names"]]
+        encoder = f"pretrained encoder {cfg.pretrained}" if cfg.pretrained else f"randomly initialised encoder (seed {cfg.seed})"
+        out = figures_dir(run_dir)
+        paths += per_class_figures(out, pred, y, names, f"linear SVM (C={cfg.svm_c}) on the {encoder}")
+        paths.append(plot_embedding(x, y.astype(np.int64), out / "embedding_pca.png", "pca", seed=cfg.seed, class_names=names,
+                                    caption=f"PCA of the frozen max-pooled test features ({len(y)} shapes, {encoder}), "
+                                            "coloured by class."))
+        return paths

@@ -14,7 +14,8 @@ FLAIR / T2 hyperintensities mimic oedema. On top come a smooth multiplicative bi
 texture and white noise, so a voxel-wise threshold is poor while a network using the four
 modalities and the spatial context can segment the regions (see ``tests/datasets/test_brats.py``).
 
-:func:`brain_phantom` returns arrays (reusable by other methods, e.g. registration); the writer
+:func:`brain_phantom` returns arrays; its healthy part, :func:`brain_anatomy`, is shared with the
+registration phantoms of :mod:`threefold.datasets.registration_phantoms`. The writer
 :func:`write_brats2018_phantoms` stores them in the BraTS 2018 layout so that the real reader runs
 on them. Arrays are in NIfTI index order (i, j, k) with 1 mm isotropic voxels.
 """
@@ -67,19 +68,15 @@ def _segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nd
     return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1)
 
 
-def brain_phantom(seed: int, shape: tuple[int, int, int] = (48, 48, 48), noise: float = 0.07) -> dict[str, np.ndarray]:
-    """One synthetic brain with a nested lesion.
+def brain_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Healthy brain-like anatomy drawn from ``rng``: an irregular ellipsoidal brain, a cortex of
+    varying thickness under a thin CSF layer, white matter and two lateral ventricles.
 
-    Returns a dict of arrays, index order (i, j, k), 1 mm voxels:
-    ``image`` (4, *shape) float32 in :data:`MODALITIES` order, 0 outside the brain (skull-stripped);
-    ``label`` (*shape) uint8 ordinal nested encoding 0 background, 1 oedema, 2 core-not-enhancing
-    (necrosis), 3 enhancing; ``tissue`` (*shape) uint8 healthy tissue codes of :data:`TISSUES`
-    (what lies under the lesion included); ``affine`` (4, 4) float64; ``spacing`` (3,) float64 mm.
-    The same ``seed`` always gives the same phantom.
+    Returns arrays in index order (i, j, k), 1 mm voxels: ``grid`` (*shape, 3) float64 voxel
+    coordinates, ``centre`` (3,) and ``radii`` (3,) of the brain ellipsoid (voxels), ``brain`` (*shape)
+    bool, ``depth`` (*shape) float64 voxels from the brain surface, ``ventricles`` (*shape) bool and
+    ``tissue`` (*shape) uint8 codes of :data:`TISSUES` (ventricles coded CSF).
     """
-    if min(shape) < 24:
-        raise ConfigError(f"phantom shape must be at least 24 voxels per axis, got {shape}")
-    rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
     centre = (np.asarray(shape) - 1) / 2.0 + rng.uniform(-1.5, 1.5, 3)
     radii = np.asarray(shape) * rng.uniform(0.38, 0.44, 3)
@@ -99,6 +96,26 @@ def brain_phantom(seed: int, shape: tuple[int, int, int] = (48, 48, 48), noise: 
     for side in (-1.0, 1.0):
         ventricles |= np.linalg.norm((grid - centre - side * vent_offset) / vent_r, axis=-1) < 1.0
     tissue[ventricles] = TISSUES["csf"]
+    return {"grid": grid, "centre": centre, "radii": radii, "brain": brain, "depth": depth,
+            "ventricles": ventricles, "tissue": tissue}
+
+
+def brain_phantom(seed: int, shape: tuple[int, int, int] = (48, 48, 48), noise: float = 0.07) -> dict[str, np.ndarray]:
+    """One synthetic brain with a nested lesion.
+
+    Returns a dict of arrays, index order (i, j, k), 1 mm voxels:
+    ``image`` (4, *shape) float32 in :data:`MODALITIES` order, 0 outside the brain (skull-stripped);
+    ``label`` (*shape) uint8 ordinal nested encoding 0 background, 1 oedema, 2 core-not-enhancing
+    (necrosis), 3 enhancing; ``tissue`` (*shape) uint8 healthy tissue codes of :data:`TISSUES`
+    (what lies under the lesion included); ``affine`` (4, 4) float64; ``spacing`` (3,) float64 mm.
+    The same ``seed`` always gives the same phantom.
+    """
+    if min(shape) < 24:
+        raise ConfigError(f"phantom shape must be at least 24 voxels per axis, got {shape}")
+    rng = np.random.default_rng(seed)
+    anatomy = brain_anatomy(rng, shape)
+    grid, centre, radii, brain, depth, ventricles, tissue = (
+        anatomy[k] for k in ("grid", "centre", "radii", "brain", "depth", "ventricles", "tissue"))
 
     mean = np.zeros((4,) + shape)
     for name, code in (("csf", 1), ("grey_matter", 2), ("white_matter", 3)):

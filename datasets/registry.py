@@ -41,6 +41,8 @@ DATASET_MODULES: tuple[str, ...] = (
     "threefold.datasets.objects",
     "threefold.datasets.qm9",
     "threefold.datasets.imnet_hdf5",
+    "threefold.datasets.registration_phantoms",
+    "threefold.datasets.hcp",
 )
 
 

@@ -22,13 +22,12 @@ without the trailing channel axis. Readers return NumPy arrays; coordinates in t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from threefold.datasets.hdf5 import checked_dataset
 from threefold.datasets.errors import DataFormatError, MissingFileError, require
 from threefold.datasets.registry import register_dataset
 
@@ -88,7 +87,7 @@ def read_imnet_hdf5(path: str | Path, resolutions: tuple[int, ...] = RESOLUTIONS
             missing = [k for k in keys if k not in f]
             if missing:
                 raise DataFormatError(f"{path}: missing key(s) {missing}; present: {sorted(f.keys())}")
-            _check_declared(path, {k: f[k] for k in keys}, resolutions, h5py)
+            _check_declared(path, {k: f[k] for k in keys}, resolutions)
             data = {k: np.asarray(f[k][()]) for k in keys}
         except DataFormatError:
             raise
@@ -98,12 +97,11 @@ def read_imnet_hdf5(path: str | Path, resolutions: tuple[int, ...] = RESOLUTIONS
     return data
 
 
-def _check_declared(path: Path, nodes: dict[str, Any], resolutions: tuple[int, ...], h5py: ModuleType) -> None:
+def _check_declared(path: Path, nodes: dict[str, Any], resolutions: tuple[int, ...]) -> None:
     """Check every dataset's kind, shape, dtype and stored size from the HDF5 metadata, before any
     data is read: a header may declare 10^6 shapes (262 GB of voxels) with no chunk written."""
     for key, node in nodes.items():
-        if not isinstance(node, h5py.Dataset):
-            raise DataFormatError(f"{path}: {key} is an HDF5 {type(node).__name__}; expected a dataset")
+        checked_dataset(path, key, node)
         if node.dtype.kind not in "biu":
             raise DataFormatError(f"{path}: {key} has dtype {node.dtype}; expected integers (uint8)")
     vox = nodes["voxels"].shape
@@ -116,19 +114,6 @@ def _check_declared(path: Path, nodes: dict[str, Any], resolutions: tuple[int, .
             raise DataFormatError(f"{path}: points_{res} has shape {p}; expected ({n}, n_points, 3) to match voxels")
         if v != (n, p[1], 1):
             raise DataFormatError(f"{path}: values_{res} has shape {v}; expected ({n}, {p[1]}, 1)")
-    for key, node in nodes.items():
-        # Unwritten chunks (or an unallocated contiguous block) read back as zeros of the declared
-        # size; IM-NET writes every value, so a missing one means the header lies about the size.
-        if node.chunks is not None:
-            expected = math.prod(-(-s // c) for s, c in zip(node.shape, node.chunks))
-            stored = node.id.get_num_chunks()
-        else:
-            expected, stored = node.nbytes, node.id.get_storage_size()
-        if stored < expected and node.size:
-            raise DataFormatError(
-                f"{path}: {key} declares shape {node.shape} but stores only {stored} of {expected} "
-                f"{'chunks' if node.chunks is not None else 'bytes'}"
-            )
 
 
 def write_imnet_hdf5(path: str | Path, data: dict[str, np.ndarray], names: list[str] | None = None) -> None:

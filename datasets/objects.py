@@ -32,6 +32,7 @@ this layer may not import :mod:`threefold.geometry`.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ import torch
 from torch.utils.data import Dataset
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, require
+from threefold.datasets.hdf5 import checked_dataset
+from threefold.datasets.pointclouds import read_npy_array
 from threefold.datasets.registry import register_dataset
 from threefold.datasets.splits import item_generator
 
@@ -100,10 +103,17 @@ def random_subset(num_points: int, count: int, generator: torch.Generator) -> to
 
 
 # ------------------------------------------------------------------------------------------ files
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: byte {exc.start} is not UTF-8 text ({what} files are ASCII)") from exc
+
+
 def _read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise MissingFileError(f"{path}: split/name list not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln.strip() for ln in _read_text(path, "list").splitlines()]
     names = [ln for ln in lines if ln]
     if not names:
         raise DataFormatError(f"{path}: the list is empty")
@@ -128,11 +138,8 @@ def read_shapenet_npy(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(f"{p}: ShapeNet-55 point cloud not found")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataFormatError(f"{p}: not a readable .npy array ({exc})") from exc
-    if arr.ndim != 2 or arr.shape[1] != 3:
+    arr = read_npy_array(p, "fiu", (2,))
+    if arr.shape[1] != 3:
         raise DataFormatError(f"{p}: array of shape {arr.shape}, expected (N, 3) x,y,z")
     return _finite_xyz(arr, str(p)).astype(np.float32)
 
@@ -143,7 +150,7 @@ def read_modelnet_txt(path: str | os.PathLike) -> np.ndarray:
     if not p.is_file():
         raise MissingFileError(f"{p}: ModelNet40 point file not found")
     try:
-        arr = np.loadtxt(p, delimiter=",", dtype=np.float64, ndmin=2)
+        arr = np.loadtxt(io.StringIO(_read_text(p, "ModelNet40")), delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as exc:
         raise DataFormatError(f"{p}: expected comma-separated rows x,y,z,nx,ny,nz of numbers ({exc})") from exc
     if arr.ndim != 2 or arr.shape[1] != 6:
@@ -160,9 +167,11 @@ def _read_h5(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> d
             missing = [k for k in keys if k not in f]
             if missing:
                 raise DataFormatError(f"{path}: no dataset {missing[0]!r}; it holds {sorted(f.keys())}")
-            return {k: np.asarray(f[k][()]) for k in (*keys, *optional) if k in f}
-    except OSError as exc:
-        raise DataFormatError(f"{path}: not a readable HDF5 file ({exc})") from exc
+            return {k: np.asarray(checked_dataset(path, k, f[k])[()]) for k in (*keys, *optional) if k in f}
+    except DataFormatError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:  # h5py on a damaged file
+        raise DataFormatError(f"{path}: not a readable HDF5 file ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_h5_clouds(path: Path, data: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -126,8 +126,10 @@ def read_bin(path: str | os.PathLike, num_features: int = 4) -> dict[str, torch.
 
 
 # --------------------------------------------------------------------------------------------- .npy
-def _read_npy_array(p: Path, allowed_kinds: str, ndims: tuple[int, ...]) -> np.ndarray:
-    """Load a .npy after checking its header against the file size, so a forged shape never allocates."""
+def read_npy_array(p: Path, allowed_kinds: str, ndims: tuple[int, ...]) -> np.ndarray:
+    """Load a .npy after checking its header against the file size, so a forged shape never allocates.
+    ``allowed_kinds``: NumPy dtype kinds accepted (``"fiu"``); ``ndims``: accepted numbers of dimensions.
+    Object arrays raise :class:`UnsafePickleError`, anything else malformed :class:`DataFormatError`."""
     size = p.stat().st_size
     try:
         with open(p, "rb") as f:
@@ -162,7 +164,7 @@ def _read_npy_array(p: Path, allowed_kinds: str, ndims: tuple[int, ...]) -> np.n
 def read_npy(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an (N, 3 + C) numeric ``.npy`` array: columns x, y, z in metres, then C features."""
     p = _check_file(path, (".npy",), "point-cloud")
-    data = _read_npy_array(p, "fiu", (2,))
+    data = read_npy_array(p, "fiu", (2,))
     if data.shape[1] < 3:
         raise DataFormatError(f"{p}: array has shape {data.shape}, expected (N, 3 + C) with x, y, z first")
     return _sample(p, {"x": data[:, 0], "y": data[:, 1], "z": data[:, 2], "feat": data[:, 3:]}, None)
@@ -527,7 +529,7 @@ def read_point_labels(path: str | os.PathLike, num_points: int) -> dict[str, tor
         raw = np.fromfile(p, dtype="<u4").astype(np.int64)
         return {"label_raw": torch.from_numpy(raw & 0xFFFF), "instance": torch.from_numpy(raw >> 16)}
     if suffix == ".npy":
-        arr = _read_npy_array(p, "fiu", (1, 2))
+        arr = read_npy_array(p, "fiu", (1, 2))
     else:
         arr = _loadtxt(p, p, np.float64) if p.stat().st_size else np.zeros((0, 1))
     if arr.ndim == 2 and arr.shape[1] != 1:

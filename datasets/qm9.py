@@ -21,6 +21,7 @@ float, in the units above), ``smiles``, ``name``. No RDKit needed for the XYZ fo
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -107,23 +108,45 @@ def read_qm9_folder(root: Path, limit: int | None = None) -> list[dict[str, Any]
     return [read_qm9_xyz(p) for p in files[:limit]]
 
 
+def _csv_rows(path: Path, need: set[str]) -> list[dict[str, str]]:
+    """Rows of a comma-separated file with a header that holds ``need``; a row with a missing or an
+    extra cell is refused (``csv`` would fill the gap with None or a list)."""
+    text = _read_text(path)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise DataFormatError(f"{path}: columns {reader.fieldnames}; expected {sorted(need)}")
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataFormatError(f"{path}: not a readable CSV file ({exc})") from exc
+    for i, r in enumerate(rows):
+        if None in r or None in r.values():
+            raise DataFormatError(f"{path}: line {i + 2}: {len(r) - (None in r)} cells where the header has "
+                                  f"{len(reader.fieldnames)}")
+    return rows
+
+
 def read_qm9_sdf_csv(sdf: Path, csv_path: Path | None = None) -> list[dict[str, Any]]:
     """The SDF + CSV form: molecules from ``gdb9.sdf`` (RDKit) with properties from ``gdb9.sdf.csv``
-    joined on the record title (``gdb_N``, column ``mol_id``). Every SDF record must have a row."""
+    joined on the record title (``gdb_N``, column ``mol_id``). Every SDF record must have a row, and
+    every property must be a finite number."""
     from threefold.datasets.molecules import read_sdf
 
     sdf = Path(sdf)
     csv_path = Path(csv_path) if csv_path is not None else sdf.with_name(sdf.name + ".csv")
     if not csv_path.is_file():
         raise MissingFileError(f"{csv_path}: the property CSV of {sdf.name} is missing")
-    with csv_path.open(newline="") as f:
-        rows = {r["mol_id"]: r for r in csv.DictReader(f)}
+    rows = {}
+    for i, r in enumerate(_csv_rows(csv_path, {"mol_id"})):
+        if r["mol_id"] in rows:
+            raise DataFormatError(f"{csv_path}: line {i + 2}: mol_id {r['mol_id']!r} appears twice")
+        rows[r["mol_id"]] = {k: _float(v, csv_path, i + 2) for k, v in r.items() if k != "mol_id"}
     mols = read_sdf(sdf, sanitize=False)
     for m in mols:
         row = rows.get(m["name"])
         if row is None:
             raise DataFormatError(f"{csv_path}: no row with mol_id {m['name']!r} (record {m['index']} of {sdf.name})")
-        m["props"] = {**m.get("props", {}), **{k: float(v) for k, v in row.items() if k != "mol_id"}}
+        m["props"] = {**m.get("props", {}), **row}
     return mols
 
 
@@ -133,30 +156,26 @@ def read_qm9_structures_csv(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: QM9 structures CSV not found")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"molecule_name", "atom_index", "atom", "x", "y", "z"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise DataFormatError(f"{path}: columns {reader.fieldnames}; expected {sorted(need)}")
-        rows = list(reader)
-    groups: dict[str, list[dict[str, str]]] = {}
-    for r in rows:
-        groups.setdefault(r["molecule_name"], []).append(r)
+    groups: dict[str, list[tuple[int, str, list[float]]]] = {}
+    for i, r in enumerate(_csv_rows(path, {"molecule_name", "atom_index", "atom", "x", "y", "z"})):
+        line = i + 2
+        try:
+            index = int(r["atom_index"])
+        except ValueError as exc:
+            raise DataFormatError(f"{path}: line {line}: atom_index {r['atom_index']!r} is not an integer") from exc
+        if r["atom"] not in _SYMBOLS:
+            raise DataFormatError(f"{path}: line {line}: element {r['atom']!r} is not one of QM9's H C N O F")
+        groups.setdefault(r["molecule_name"], []).append((index, r["atom"], [_float(r[k], path, line) for k in "xyz"]))
     out = []
-    for name, rs in groups.items():
-        rs.sort(key=lambda r: int(r["atom_index"]))
-        if [int(r["atom_index"]) for r in rs] != list(range(len(rs))):
-            raise DataFormatError(f"{path}: molecule {name!r} has atom_index values that do not run 0..{len(rs) - 1}")
-        bad = [r["atom"] for r in rs if r["atom"] not in _SYMBOLS]
-        if bad:
-            raise DataFormatError(f"{path}: molecule {name!r}: element {bad[0]!r} is not one of QM9's H C N O F")
-        out.append({
-            "numbers": np.array([_SYMBOLS[r["atom"]] for r in rs], np.int64),
-            "positions": np.array([[float(r[k]) for k in "xyz"] for r in rs], np.float32),
-            "props": {},
-            "smiles": "",
-            "name": name,
-        })  # fmt: skip
+    for name, atoms in groups.items():
+        atoms.sort(key=lambda a: a[0])
+        if [a[0] for a in atoms] != list(range(len(atoms))):
+            raise DataFormatError(f"{path}: molecule {name!r} has atom_index values that do not run 0..{len(atoms) - 1}")
+        xyz = np.array([a[2] for a in atoms], np.float32)
+        if not np.isfinite(xyz).all():
+            raise DataFormatError(f"{path}: molecule {name!r}: a coordinate overflows float32 (|x| > 3.4e38 Å)")
+        out.append({"numbers": np.array([_SYMBOLS[a[1]] for a in atoms], np.int64), "positions": xyz,
+                    "props": {}, "smiles": "", "name": name})
     return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, UnsafePickleError
 from threefold.datasets.objects import (
     ModelNet40,
     ModelNet40H5,
@@ -98,7 +98,7 @@ def test_shapenet55_bad_inputs(tmp_path, shapenet):
     with pytest.raises(DataFormatError, match="NaN"):
         ShapeNet55(root, "train", 8)[0]
     np.save(root / "shapenet_pc" / "04379243-aaa.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DataFormatError, match="not a readable .npy"):
+    with pytest.raises(UnsafePickleError, match="04379243-aaa.npy: .npy holds Python objects"):
         ShapeNet55(root, "train", 8)[0]
     np.save(root / "shapenet_pc" / "04379243-aaa.npy", np.ones((4, 3), np.float32))
     with pytest.raises(DataFormatError, match="fewer than num_points"):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -441,6 +442,226 @@ def test_fuzz_mesh(name, damage):
     if got is not None:
         verts, faces = got
         assert np.isfinite(verts).all() and faces.min() >= 0 and faces.max() < len(verts)
+
+
+# ------------------------------------------------------------- ShapeNet-55, ModelNet40, ScanObjectNN
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)  # numpy's own .npy writer (NEP 1 format), not threefold's
+    return buf.getvalue()
+
+
+SHAPENET_CLOUD = (np.arange(24, dtype=np.float32).reshape(8, 3) / 7.0) - 1.0
+NPY_FORGERIES = {  # arrays a downloaded .npy could hold instead of (N, 3) float32
+    "none": SHAPENET_CLOUD,
+    "nan": np.where(np.eye(8, 3, dtype=bool), np.nan, SHAPENET_CLOUD).astype(np.float32),
+    "inf": np.full((8, 3), np.inf, np.float32),
+    "four_columns": np.zeros((8, 4), np.float32),
+    "flat": SHAPENET_CLOUD.ravel(),
+    "empty": np.zeros((0, 3), np.float32),
+    "complex": SHAPENET_CLOUD.astype(np.complex64),
+    "strings": np.array([["a", "b", "c"]]),
+    "structured": np.zeros(8, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")]),
+    "float16": SHAPENET_CLOUD.astype(np.float16),
+    "big_endian": SHAPENET_CLOUD.astype(">f8"),
+}
+
+
+@FUZZ
+@given(forge=st.sampled_from(sorted(NPY_FORGERIES)), damage=BYTE_DAMAGE)
+def test_fuzz_shapenet_npy(forge, damage):
+    from threefold.datasets.objects import read_shapenet_npy
+
+    data = damage_bytes(_npy_bytes(NPY_FORGERIES[forge]), damage)
+    got = outcome(lambda d: read_shapenet_npy(d / "02691156-1a04e3eab45ca15dd86060f189eb133.npy"),
+                  {"02691156-1a04e3eab45ca15dd86060f189eb133.npy": data})
+    if damage[0] == "none" and forge in ("none", "float16", "big_endian"):
+        assert got is not None and np.allclose(got, SHAPENET_CLOUD, atol=1e-3)
+    if got is not None:
+        assert got.dtype == np.float32 and got.ndim == 2 and got.shape[1] == 3 and got.shape[0] > 0
+        assert np.isfinite(got).all()
+
+
+def test_shapenet_npy_header_declaring_a_huge_array_is_refused():
+    from threefold.datasets.objects import read_shapenet_npy
+
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 3), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\x00" * 48
+    assert outcome(lambda d: read_shapenet_npy(d / "x.npy"), {"x.npy": raw}) is None
+
+
+MODELNET_ROWS = np.array([[0.1, -0.2, 0.3, 0.0, 0.0, 1.0], [0.4, 0.5, -0.6, 1.0, 0.0, 0.0],
+                          [-0.7, 0.8, 0.9, 0.0, 1.0, 0.0]])
+MODELNET_TXT = "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in MODELNET_ROWS)
+
+
+def _modelnet_text_damage(text: str, damage: tuple[str, float, str]) -> bytes:
+    """TEXT_DAMAGE with commas as token separators (the file's delimiter)."""
+    kind, where, token = damage
+    if kind != "token":
+        return damage_text(text, damage)
+    cells = text.replace("\n", ",\n,").split(",")
+    numeric = [i for i, c in enumerate(cells) if c.strip()]
+    cells[numeric[int(where * len(numeric))]] = token
+    return ",".join(cells).replace(",\n,", "\n").encode("utf-8").replace("\xff".encode(), b"\xff")
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE)
+def test_fuzz_modelnet_txt(damage):
+    from threefold.datasets.objects import read_modelnet_txt
+
+    got = outcome(lambda d: read_modelnet_txt(d / "airplane_0001.txt"),
+                  {"airplane_0001.txt": _modelnet_text_damage(MODELNET_TXT, damage)})
+    if damage[0] == "none":
+        assert got is not None and np.allclose(got, MODELNET_ROWS, atol=1e-6)
+    if got is not None:
+        assert got.dtype == np.float32 and got.ndim == 2 and got.shape[1] == 6 and got.shape[0] > 0
+        assert np.isfinite(got).all()
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE, which=st.sampled_from(["modelnet40_shape_names.txt", "modelnet40_train.txt"]))
+def test_fuzz_modelnet_lists(damage, which):
+    from threefold.datasets.objects import ModelNet40
+
+    files = {"modelnet40_shape_names.txt": "airplane\nbathtub\n", "modelnet40_train.txt": "airplane_0001\nbathtub_0001\n",
+             "modelnet40_test.txt": "airplane_0002\n"}
+    payload = {k: v.encode() for k, v in files.items()}
+    payload[which] = damage_text(files[which], damage)
+
+    def read(d: Path):
+        for stem in ("airplane_0001", "bathtub_0001", "airplane_0002"):
+            (d / stem.rsplit("_", 1)[0]).mkdir(exist_ok=True)
+            (d / stem.rsplit("_", 1)[0] / f"{stem}.txt").write_text(MODELNET_TXT * 2)
+        ds = ModelNet40(d, "train", num_points=4)
+        return [ds[i] for i in range(len(ds))]
+
+    got = outcome(read, payload)
+    if damage[0] == "none":
+        assert got is not None and [int(s["category"]) for s in got] == [0, 1]
+    if got is not None:
+        assert all(torch.isfinite(s["coord"]).all() and s["coord"].shape == (4, 3) for s in got)
+
+
+def _h5_bytes(forge: str) -> bytes:
+    """A ScanObjectNN file as h5py writes it (datasets data (M, N, 3) float32, label (M,), mask (M, N))."""
+    import h5py
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(3, 16, 3)).astype(np.float32)
+    label = np.array([0, 14, 7], np.int64)
+    mask = (rng.random((3, 16)) < 0.5).astype(np.int64)
+    if forge == "nan":
+        data[1, 2, 0] = np.nan
+    elif forge == "label_15":
+        label[1] = 15
+    elif forge == "label_negative":
+        label[0] = -1
+    elif forge == "label_float":
+        label = label.astype(np.float32)
+    elif forge == "label_short":
+        label = label[:2]
+    elif forge == "mask_shape":
+        mask = mask[:, :8]
+    elif forge == "data_2d":
+        data = data[:, :, 0]
+    with tempfile.TemporaryDirectory() as d:
+        with h5py.File(Path(d) / "f.h5", "w") as f:
+            if forge == "data_group":
+                f.create_group("data")
+            elif forge == "huge":
+                f.create_dataset("data", shape=(10**7, 2048, 3), dtype="f4")  # declared, never written
+            else:
+                f["data"] = data
+            if forge != "no_label":
+                f["label"] = label
+            f["mask"] = mask
+        return (Path(d) / "f.h5").read_bytes()
+
+
+H5_FORGERIES = ["none", "nan", "label_15", "label_negative", "label_float", "label_short", "mask_shape", "data_2d",
+                "data_group", "no_label", "huge"]
+
+
+@FUZZ
+@given(forge=st.sampled_from(H5_FORGERIES), damage=BYTE_DAMAGE)
+def test_fuzz_scanobjectnn_h5(forge, damage):
+    from threefold.datasets.objects import ScanObjectNN
+
+    def read(d: Path):
+        (d / "main_split").mkdir()
+        (d / "f.h5").rename(d / "main_split" / "test_objectdataset_augmentedrot_scale75.h5")
+        ds = ScanObjectNN(d, "test", "pb_t50_rs", num_points=16)
+        return [ds[i] for i in range(len(ds))]
+
+    got = outcome(read, {"f.h5": damage_bytes(_h5_bytes(forge), damage)})
+    if damage[0] == "none" and forge == "none":
+        assert got is not None and [int(s["category"]) for s in got] == [0, 14, 7]
+    if got is not None:
+        assert all(torch.isfinite(s["coord"]).all() and 0 <= int(s["category"]) < 15 for s in got)
+
+
+# ------------------------------------------------------------------ QM9 SDF + CSV, per-atom CSV
+QM9_SDF = """gdb_1
+     RDKit          3D
+
+  5  4  0  0  0  0  0  0  0  0999 V2000
+   -0.0127    1.0858    0.0080 C   0  0  0  0  0  0  0  0  0  0  0  0
+    0.0022   -0.0060    0.0020 H   0  0  0  0  0  0  0  0  0  0  0  0
+    1.0117    1.4638    0.0003 H   0  0  0  0  0  0  0  0  0  0  0  0
+   -0.5408    1.4475   -0.8766 H   0  0  0  0  0  0  0  0  0  0  0  0
+   -0.5238    1.4379    0.9064 H   0  0  0  0  0  0  0  0  0  0  0  0
+  1  2  1  0
+  1  3  1  0
+  1  4  1  0
+  1  5  1  0
+M  END
+$$$$
+"""
+QM9_SDF_CSV = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0\ngdb_1,157.7118,157.70997,157.70699,0.0,13.21,-0.3877,0.1171,0.5048,35.3641,0.044749,-40.47893\n"
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE, target=st.sampled_from(["sdf", "csv"]))
+def test_fuzz_qm9_sdf_csv(damage, target):
+    from threefold.datasets.qm9 import read_qm9_sdf_csv
+
+    files = {"gdb9.sdf": QM9_SDF.encode(), "gdb9.sdf.csv": QM9_SDF_CSV.encode()}
+    files["gdb9.sdf" if target == "sdf" else "gdb9.sdf.csv"] = damage_text(QM9_SDF if target == "sdf" else QM9_SDF_CSV, damage)
+    got = outcome(lambda d: read_qm9_sdf_csv(d / "gdb9.sdf"), files)
+    if damage[0] == "none":
+        assert got is not None and got[0]["numbers"].tolist() == [6, 1, 1, 1, 1] and got[0]["props"]["u0"] == -40.47893
+    for m in got or []:
+        assert m["numbers"].shape[0] == m["positions"].shape[0] > 0 and np.isfinite(m["positions"]).all()
+        assert all(np.isfinite(v) for v in m["props"].values()), "a NaN/inf property was accepted"
+
+
+QM9_STRUCTURES = ("molecule_name,atom_index,atom,x,y,z\n"
+                  "dsgdb9nsd_000001,0,C,-0.0127,1.0858,0.008\n"
+                  "dsgdb9nsd_000001,1,H,0.0022,-0.006,0.002\n"
+                  "dsgdb9nsd_000002,0,N,-0.0404,1.0241,0.0626\n"
+                  "dsgdb9nsd_000001,2,H,1.0117,1.4638,0.0003\n")
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE)
+def test_fuzz_qm9_structures_csv(damage):
+    from threefold.datasets.qm9 import read_qm9_structures_csv
+
+    text = QM9_STRUCTURES if damage[0] != "token" else QM9_STRUCTURES.replace(",", " ")
+    data = damage_text(text, damage)
+    if damage[0] == "token":
+        data = data.replace(b" ", b",")
+    got = outcome(lambda d: read_qm9_structures_csv(d / "structures.csv"), {"structures.csv": data})
+    if damage[0] == "none":
+        assert got is not None and [m["numbers"].tolist() for m in got] == [[6, 1, 1], [7]]
+        assert np.allclose(got[0]["positions"][2], [1.0117, 1.4638, 0.0003])
+    for m in got or []:
+        assert m["numbers"].shape[0] == m["positions"].shape[0] > 0 and np.isfinite(m["positions"]).all()
 
 
 # ------------------------------------------------------------------------- known bugs, minimal inputs

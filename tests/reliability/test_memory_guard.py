@@ -138,7 +138,29 @@ def _imnet(tmp: Path) -> Callable[[], object]:
     return lambda: read_imnet_hdf5(tmp / "a.hdf5")
 
 
+def _scanobjectnn(tmp: Path) -> Callable[[], object]:
+    h5py = pytest.importorskip("h5py")
+    from threefold.datasets.objects import ScanObjectNN
+
+    (tmp / "main_split").mkdir()
+    with h5py.File(tmp / "main_split" / "test_objectdataset_augmentedrot_scale75.h5", "w") as f:
+        f.create_dataset("data", shape=(10**5, 2048, 3), dtype="f4", chunks=(1, 2048, 3))  # 2.4 GB declared
+        f["label"] = np.zeros(10**5, np.int64)
+    return lambda: ScanObjectNN(tmp, "test", "pb_t50_rs")
+
+
+def _shapenet_npy(tmp: Path) -> Callable[[], object]:
+    from threefold.datasets.objects import read_shapenet_npy
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 3)})
+    (tmp / "02691156-a.npy").write_bytes(head.getvalue() + np.zeros((8, 3), "<f4").tobytes())
+    return lambda: read_shapenet_npy(tmp / "02691156-a.npy")
+
+
 @pytest.mark.parametrize("forge", [
+    pytest.param(_scanobjectnn, id="scanobjectnn-hdf5-shape"),
+    pytest.param(_shapenet_npy, id="shapenet-npy-shape"),
     pytest.param(_npy, id="npy-shape"),
     pytest.param(_ply, id="ply-vertex-count"),
     pytest.param(_pcd, id="pcd-points"),

@@ -322,24 +322,6 @@ def read_obj_polygons(path: Path) -> tuple[np.ndarray, list[list[int]]]:
     return np.asarray(verts), polys
 
 
-def render_polygons(ax: Any, verts: np.ndarray, polys: list[list[int]]) -> None:
-    """Draw polygons on a 3D axis (y up as in ShapeNet), grey shaded by a fixed light direction."""
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
-
-    view = verts[:, [0, 2, 1]]  # matplotlib's z is up
-    faces = [view[p] for p in polys]
-    light = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
-    shade = []
-    for f in faces:
-        n = np.cross(f[1] - f[0], f[2] - f[0])
-        shade.append(0.35 + 0.6 * abs(float(n @ light)) / max(float(np.linalg.norm(n)), 1e-12))
-    ax.add_collection3d(Poly3DCollection(faces, facecolors=[(s, s, s * 1.05 if s < 0.95 else s) for s in shade],
-                                         edgecolors=(0.1, 0.1, 0.1, 0.4), linewidths=0.3))
-    ax.set_xlim(-0.5, 0.5), ax.set_ylim(-0.5, 0.5), ax.set_zlim(-0.5, 0.5)
-    ax.view_init(elev=20, azim=-60)
-    ax.set_axis_off()
-
-
 def voxels_from_file(path: Path) -> np.ndarray:
     """64^3 occupancy of a user's input: a mesh (.obj/.off/.ply/.stl, voxelised like the training data),
     an IM-NET .hdf5 (its first shape) or a .npy array (64, 64, 64)."""
@@ -408,21 +390,25 @@ class ShapeNetBSPNet(Pipeline):
                 **evaluate_shapes(module, test_path, ctx.run_dir / "meshes", config_to_dict(cfg)["eval"], cfg.seed)}
 
     def figures(self, cfg: ShapeNetBSPNetConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
-        """Training curves, then one render per meshed shape (at most 8): the exported BSP mesh,
-        faces shaded by their normal, with its counts and CD in the caption."""
-        from threefold.pipelines.figures import figures_dir, new_figure, save_figure
+        """Training curves, then for each meshed shape (at most 8) its input voxels beside the exported
+        BSP mesh with each convex in its own colour, counts and CD in the caption."""
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_meshes import plot_voxels_and_convexes
 
         paths = super().figures(cfg, run_dir, metrics)
+        eval_file = Path(metrics.get("eval_file", ""))
+        if not eval_file.is_file():
+            return paths
+        voxels = read_imnet_hdf5(eval_file, ())["voxels"]
         out = figures_dir(run_dir)
-        for row in [r for r in metrics.get("per_shape", []) if r.get("mesh")][:8]:
+        rows = [(k, r) for k, r in enumerate(metrics.get("per_shape", [])) if r.get("mesh")][:8]
+        for k, row in rows:
             verts, polys = read_obj_polygons(run_dir / row["mesh"])
-            fig = new_figure((4.0, 4.0))
-            ax = fig.add_subplot(projection="3d")
-            render_polygons(ax, verts, polys)
-            caption = (f"BSP-Net mesh of {row['shape']}: {row['num_convexes']} convexes, {row['num_vertices']} vertices, "
-                       f"{row['num_faces']} faces; CD x1000 {row['cd_x1000']:.3f} (convex hull {row['hull_cd_x1000']:.3f}), "
-                       f"NC {row['nc']:.3f}")
-            paths.append(save_figure(fig, out / f"mesh_{row['shape']}.png", caption))
+            caption = (f"BSP-Net on {row['shape']}: input voxels and the output mesh, each of its {row['num_convexes']} "
+                       f"convexes in its own colour; {row['num_vertices']} vertices, {row['num_faces']} faces; "
+                       f"CD x1000 {row['cd_x1000']:.3f} (convex hull {row['hull_cd_x1000']:.3f}), NC {row['nc']:.3f}")
+            paths.append(plot_voxels_and_convexes(out / f"mesh_{row['shape']}.png", voxels[k], verts, polys,
+                                                  row["shape"], caption))
         return paths
 
     def load(self, cfg: ShapeNetBSPNetConfig, checkpoint: Path) -> BSPNetPredictor:

@@ -93,7 +93,7 @@ def class_aware_contrastive(embedding: Tensor, labels: Tensor, alpha_pos: float 
         keep = keep[pick[:max_anchors].to(keep.device)]
     if keep.numel() < 2:
         return embedding.sum() * 0.0
-    z = F.normalize(embedding[keep].float(), dim=1)
+    z = F.normalize(embedding[keep].to(torch.promote_types(embedding.dtype, torch.float32)), dim=1)
     y = labels[keep]
     sim = z @ z.T
     same = y[:, None] == y[None, :]

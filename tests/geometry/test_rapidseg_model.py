@@ -1,0 +1,135 @@
+"""RAPiD-Seg network: VSA against a per-voxel loop, batch independence of the whole model in eval
+mode, forward + backward on CPU for every variant, the frozen autoencoder, parameter counts, and a
+CPU-vs-CUDA comparison of one forward pass (gpu marker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("spconv")
+
+from threefold.geometry.rapid.rapidseg import RAPiDSeg, SqueezeExcitation  # noqa: E402
+from threefold.geometry.rapid.vsa import VoxelSetAttention  # noqa: E402
+
+SMALL = dict(width=0.125, layers=(1, 1, 1, 1, 1, 1, 1, 1), latents=4, dim=16, inner_dim=4, stream_channels=8, voxel_size=0.5)
+
+
+def _scan(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    coord = torch.rand(n, 3, generator=g) * torch.tensor([12.0, 12.0, 2.0]) - torch.tensor([6.0, 6.0, 1.0])
+    return coord, torch.rand(n, generator=g), torch.rand(n, 10, generator=g)
+
+
+def test_vsa_matches_per_voxel_loop_and_is_permutation_invariant():
+    torch.manual_seed(0)
+    vsa = VoxelSetAttention(5, latents=3, dim=8)
+    x = torch.randn(70, 5, dtype=torch.float64)
+    vsa = vsa.double()
+    inv = torch.randint(0, 9, (70,))
+    inv[:9] = torch.arange(9)  # every voxel occupied
+    h = vsa(x, inv, 9)
+    f = vsa.embed(x)
+    s, v = vsa.score(f), vsa.value(f)
+    for m in range(9):
+        sel = inv == m
+        a = torch.softmax(s[sel], 0)  # (n_m, l): softmax over the voxel's points, per latent
+        torch.testing.assert_close(h[m], a.T @ v[sel])
+    perm = torch.randperm(70)
+    torch.testing.assert_close(vsa(x[perm], inv[perm], 9), h)
+
+
+def test_squeeze_excitation_per_sample():
+    se = SqueezeExcitation(16, 8)
+    x = torch.randn(30, 16)
+    b = torch.tensor([0] * 12 + [1] * 18)
+    out = se(x, b, 2)
+    for s in (0, 1):
+        w = se.fc(x[b == s].mean(0, keepdim=True))
+        torch.testing.assert_close(out[b == s], x[b == s] * w)
+
+
+@pytest.mark.parametrize("variant", ["r", "c", "none"])
+def test_forward_backward_cpu_every_parameter_learns(variant):
+    torch.manual_seed(0)
+    net = RAPiDSeg(variant=variant, **SMALL)
+    coord, rem, rapid = _scan(600, 1)
+    batch = (torch.arange(600) >= 250).long()
+    logits = net(coord, rem, batch, rapid, rapid.flip(1) if variant == "c" else None)
+    assert logits.shape == (600, 19)
+    logits.logsumexp(1).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    # the autoencoders' decoders only learn from the reconstruction loss (stage 1)
+    assert all(".decoder." in n or "inner_ffn_dec" in n or "unsqueeze" in n for n in missing), missing
+    net.eval()
+    with torch.no_grad():  # eval mode (spconv's inference path) on CPU
+        assert torch.isfinite(net(coord, rem, batch, rapid, rapid if variant == "c" else None)).all()
+
+
+def test_batch_of_two_equals_each_scan_alone_in_eval():
+    torch.manual_seed(0)
+    net = RAPiDSeg(variant="r", **SMALL).eval()
+    a, b = _scan(300, 2), _scan(200, 3)
+    with torch.no_grad():
+        alone = [net(c, r, torch.zeros(len(c), dtype=torch.long), f) for c, r, f in (a, b)]
+        coord = torch.cat([a[0], b[0] + 100.0])  # far apart: any cross-sample leak would show
+        joint = net(coord, torch.cat([a[1], b[1]]), torch.cat([torch.zeros(300), torch.ones(200)]).long(),
+                    torch.cat([a[2], b[2]]))
+    # the second scan moved by 100 m: only the absolute-coordinate input of its coordinate stream differs
+    torch.testing.assert_close(joint[:300], alone[0], atol=1e-5, rtol=1e-5)
+    assert joint.shape == (500, 19)
+
+
+def test_ae_loss_and_frozen_autoencoder():
+    torch.manual_seed(0)
+    net = RAPiDSeg(variant="r", **SMALL)
+    coord, rem, rapid = _scan(400, 4)
+    batch = torch.zeros(400, dtype=torch.long)
+    grid = net.voxelize(coord, batch)
+    labels = torch.randint(0, 3, (grid.num_voxels,))
+    loss, z, parts = net.rapid_ae.loss(rapid, grid.offset, grid.inverse, grid.indices, grid.table, labels)
+    assert z.shape == (grid.num_voxels, 4 * 4) and set(parts) == {"mse", "contrastive"}
+    loss.backward()
+    assert all(p.grad is not None for p in net.rapid_ae.parameters())
+    net.zero_grad(set_to_none=True)
+    net(coord, rem, batch, rapid, frozen_ae=True).sum().backward()
+    assert all(p.grad is None for p in net.rapid_ae.parameters())
+    assert net.head.weight.grad is not None
+
+
+def test_full_width_parameter_counts():
+    counts = {v: sum(p.numel() for p in RAPiDSeg(variant=v).parameters()) for v in ("none", "r", "c")}
+    # MinkUNet34C is 37.85 M parameters; RAPiD streams + fusion add < 1 M (R) and < 1.5 M (R + C)
+    assert 37.8e6 < counts["none"] < 37.9e6
+    assert 0 < counts["r"] - counts["none"] < 1.0e6
+    assert counts["r"] < counts["c"] < counts["none"] + 1.5e6
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_forward_agree():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import spconv.pytorch as spconv_pt  # noqa: F401
+    from spconv import constants
+
+    constants.SPCONV_ALLOW_TF32 = False
+    torch.manual_seed(0)
+    net = RAPiDSeg(variant="r", width=0.5, voxel_size=0.2).eval()
+    g = torch.Generator().manual_seed(5)
+    n = 20000
+    coord = torch.rand(n, 3, generator=g) * torch.tensor([40.0, 40.0, 4.0]) - torch.tensor([20.0, 20.0, 2.0])
+    rem, rapid = torch.rand(n, generator=g), torch.rand(n, 10, generator=g)
+    batch = torch.zeros(n, dtype=torch.long)
+    with torch.no_grad():
+        cpu = net(coord, rem, batch, rapid)
+        net.cuda()
+        gpu = net(coord.cuda(), rem.cuda(), batch.cuda(), rapid.cuda()).cpu()
+    err = (cpu - gpu).abs().max().item()
+    assert err < 1e-4, err
+    net.train()
+    out = net(coord.cuda(), rem.cuda(), batch.cuda(), rapid.cuda())
+    out.sum().backward()  # CUDA backward
+    assert np.isfinite(net.head.weight.grad.cpu().numpy()).all()

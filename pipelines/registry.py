@@ -30,6 +30,7 @@ PIPELINE_MODULES: tuple[str, ...] = (
     "threefold.pipelines.uni3dar",
     "threefold.pipelines.uni3dar_crystals",
     "threefold.pipelines.pointmae",
+    "threefold.pipelines.registration",
     "threefold.pipelines.i2pmae",
 )
 

@@ -41,6 +41,7 @@ DATASET_MODULES: tuple[str, ...] = (
     "threefold.datasets.objects",
     "threefold.datasets.qm9",
     "threefold.datasets.imnet_hdf5",
+    "threefold.datasets.semantickitti",
     "threefold.datasets.registration_phantoms",
     "threefold.datasets.hcp",
 )

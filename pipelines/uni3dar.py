@@ -502,6 +502,70 @@ class _Uni3DARPipelineBase(Pipeline):
     def load(self, cfg: Uni3DARRunConfig, checkpoint: Path) -> "Uni3DARSampler":
         return Uni3DARSampler(_module_from_checkpoint(checkpoint))
 
+    def figures(self, cfg: Uni3DARRunConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves; tree-token lengths of the run's molecules with and without the two-level
+        compression; the first 16 samples of ``samples.xyz`` as RDKit depictions with validity marks
+        (skipped with a logged note where RDKit is missing)."""
+        import logging
+
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_molecules import plot_molecule_grid
+
+        paths = super().figures(cfg, run_dir, metrics)
+        out = figures_dir(run_dir)
+        data_file, embedded = run_dir / "data_path.txt", run_dir / "data" / "embedded_qm9_like.xyz"
+        if data_file.is_file():
+            mols, _ = load_molecules(Path(data_file.read_text().strip()), run_dir, cfg.limit_molecules)
+            pairs = [(np.asarray(m["numbers"]), np.asarray(m["positions"])) for m in mols]
+        elif embedded.is_file():
+            pairs = read_xyz_frames(embedded)
+        else:
+            pairs = []
+        if pairs:
+            tokens = OctreeTokenizer(cfg.octree, cutoff=cfg.cutoff)
+            paths.append(token_length_figure(out, [tokens.tokenize_batch(*_concat(chunk)).compression()
+                                                   for chunk in _chunks(pairs[:TOKEN_FIGURE_LIMIT])],
+                                             cfg.octree, len(pairs)))
+        samples = run_dir / "samples.xyz"
+        if samples.is_file():
+            try:
+                paths.append(plot_molecule_grid(out / "samples.png", read_xyz_frames(samples)))
+            except MissingExtraError as exc:
+                logging.getLogger(__name__).warning("samples.png skipped: %s", exc)
+        return paths
+
+
+#: Structures tokenized for the length histograms (the first ones of the data set).
+TOKEN_FIGURE_LIMIT = 20_000
+
+
+def _chunks(items: list, size: int = 1024) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _concat(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(numbers (N,), positions (N, 3), counts (B,)) of a list of molecules, for ``tokenize_batch``."""
+    return (np.concatenate([np.asarray(z, np.int64) for z, _ in pairs]),
+            np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for _, p in pairs]),
+            np.array([len(z) for z, _ in pairs], np.int64))  # fmt: skip
+
+
+def token_length_figure(out: Path, compressions: list[dict[str, Any]], octree: str, total: int) -> Path:
+    """Histogram of tree tokens per structure: the two-level encoding (one occupancy token per
+    non-empty node) vs one token per occupied child node vs one binary token per child slot, from
+    :meth:`OctreeTokens.compression` of consecutive chunks of the data set."""
+    from threefold.pipelines.figures_molecules import plot_token_lengths
+
+    tree, child, slot = (np.concatenate([c[k] for c in compressions]) for k in ("tree_tokens", "child_tokens", "slot_tokens"))
+    caption = (f"Octree tree tokens per structure ({octree} preset; {len(tree)} of {total} structures as stored, "
+               f"no augmentation): two-level encoding (one occupancy token per non-empty node, Uni-3DAR) mean "
+               f"{tree.mean():.2f}; one token per occupied child node mean {child.mean():.2f} (ratio "
+               f"{(child / tree).mean():.3f}); one binary token per child slot mean {slot.mean():.2f} (ratio "
+               f"{(slot / tree).mean():.3f}). Atom tokens (type and in-cell xyz) are the same in all three.")
+    return plot_token_lengths(out / "token_lengths.png", {"two-level (Uni-3DAR)": tree, "one per occupied child": child,
+                                                          "one per child slot": slot},
+                              "tree tokens per structure", caption)  # fmt: skip
+
 
 def _module_from_checkpoint(checkpoint: Path) -> Uni3DARModule:
     ckpt = load_checkpoint(checkpoint)

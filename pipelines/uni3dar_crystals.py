@@ -165,6 +165,39 @@ class MP20Uni3DAR(Pipeline):
         ctx.export_weights(module.model)
         return metrics
 
+    def figures(self, cfg: Uni3DARRunConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves; tree-token lengths (lattice + atom trees) of the run's crystals with and without
+        the two-level compression; the first 12 sampled crystals in their cells with validity marks
+        (structural and composition validity, as in the metrics)."""
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_molecules import plot_crystal_grid
+        from threefold.pipelines.uni3dar import TOKEN_FIGURE_LIMIT, _chunks, token_length_figure
+
+        paths = super().figures(cfg, run_dir, metrics)
+        out = figures_dir(run_dir)
+        data_file = run_dir / "data_path.txt"
+        crystals, _ = load_crystals(Path(data_file.read_text().strip()) if data_file.is_file() else None, run_dir,
+                                    cfg.limit_molecules)  # fmt: skip
+        tok = OctreeTokenizer(cfg.octree)
+        compressions = []
+        for chunk in _chunks(crystals[:TOKEN_FIGURE_LIMIT]):
+            t = tok.tokenize_crystals(np.concatenate([np.asarray(c["numbers"], np.int64) for c in chunk]),
+                                      np.concatenate([np.asarray(c["positions"], np.float64) for c in chunk]),
+                                      np.stack([np.asarray(c["lattice"], np.float64) for c in chunk]),
+                                      np.array([len(c["numbers"]) for c in chunk]))  # fmt: skip
+            lat, atoms = t.lattice.compression(), t.atoms.compression()
+            compressions.append({k: lat[k] + atoms[k] for k in ("tree_tokens", "child_tokens", "slot_tokens")})
+        if compressions:
+            paths.append(token_length_figure(out, compressions, cfg.octree, len(crystals)))
+        samples = run_dir / "samples.json"
+        if samples.is_file():
+            decoded = json.loads(samples.read_text())
+            valid = [c is not None and len(c["numbers"]) > 0 and structure_valid(np.asarray(c["frac"]), np.asarray(c["lattice"]))
+                     and composition_valid(np.asarray(c["numbers"])) for c in decoded]  # fmt: skip
+            if decoded:
+                paths.append(plot_crystal_grid(out / "samples.png", decoded, valid))
+        return paths
+
     @staticmethod
     def _sample(model, tokenizer: OctreeTokenizer, cfg: Uni3DARRunConfig, elements, device, out: Path) -> dict:
         vocab, s = tokenizer.vocab, cfg.sample

@@ -427,8 +427,9 @@ class ModelNet40I2PMAESVM(Pipeline):
         seed_everything(cfg.seed)
         if cfg.dataset == "scanobjectnn":
             root = _data_root(ctx, "scanobjectnn", cfg.sample)
-            train = ScanObjectNN(root, "train", cfg.dataset_variant, None)
-            test = ScanObjectNN(root, "test", cfg.dataset_variant, None)
+            variant = cfg.dataset_variant if ctx.data is not None else "pb_t50_rs"  # the embedded sample's only variant
+            train = ScanObjectNN(root, "train", variant, None)
+            test = ScanObjectNN(root, "test", variant, None)
         elif cfg.data_format == "h5" and ctx.data is not None:
             train, test = ModelNet40H5(ctx.data, "train", None), ModelNet40H5(ctx.data, "test", None)
         else:

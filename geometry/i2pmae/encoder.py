@@ -211,6 +211,21 @@ class HierarchicalEncoder(nn.Module):
         return out
 
 
+def three_nn_interpolate(fine_xyz: Tensor, coarse_xyz: Tensor, coarse: Tensor) -> Tensor:
+    """PointNet++ interpolation: ``coarse (B, S, C)`` features at ``coarse_xyz (B, S, 3)`` -> ``(B, N, C)``
+    at ``fine_xyz (B, N, 3)``, weights ``1 / (d² + 1e-8)`` of the 3 nearest coarse points normalised to
+    sum 1 (a single coarse point is copied)."""
+    b, n, _ = fine_xyz.shape
+    s = coarse_xyz.shape[1]
+    if s == 1:
+        return coarse.expand(b, n, coarse.shape[-1])
+    idx = knn_indices(fine_xyz, coarse_xyz, min(3, s))  # (B, N, 3)
+    d2 = (index_points(coarse_xyz, idx) - fine_xyz.unsqueeze(2)).square().sum(-1)
+    w = 1.0 / (d2 + 1e-8)
+    w = w / w.sum(-1, keepdim=True)
+    return (index_points(coarse, idx) * w.unsqueeze(-1).to(coarse.dtype)).sum(2)
+
+
 class FeaturePropagation(nn.Module):
     """PointNet++ feature propagation (Qi et al., NeurIPS 2017, §3.4) with the reference's fusion:
     ``forward(fine_xyz (B, N, 3), coarse_xyz (B, S, 3), fine (B, N, C1) | None, coarse (B, S, C2))``
@@ -229,16 +244,7 @@ class FeaturePropagation(nn.Module):
 
     def forward(self, fine_xyz: Tensor, coarse_xyz: Tensor, fine: Tensor | None, coarse: Tensor) -> Tensor:
         b, n, _ = fine_xyz.shape
-        s = coarse_xyz.shape[1]
-        if s == 1:
-            interp = coarse.expand(b, n, coarse.shape[-1])
-        else:
-            k = min(3, s)
-            idx = knn_indices(fine_xyz, coarse_xyz, k)  # (B, N, k)
-            d2 = (index_points(coarse_xyz, idx) - fine_xyz.unsqueeze(2)).square().sum(-1)
-            w = 1.0 / (d2 + 1e-8)
-            w = w / w.sum(-1, keepdim=True)
-            interp = (index_points(coarse, idx) * w.unsqueeze(-1).to(coarse.dtype)).sum(2)
+        interp = three_nn_interpolate(fine_xyz, coarse_xyz, coarse)
         x = interp if fine is None else torch.cat([fine, interp], -1)
         x = self.fuse(x.reshape(b * n, -1))
         for block in self.extraction:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, require
 
 
 class Teacher2D(nn.Module):
@@ -180,16 +180,14 @@ def _timm_to_clip(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
 
 def _read_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return require("safetensors.torch", extra="points").load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... for non-pickles
         # OpenAI's original ViT-B-16.pt is a TorchScript archive, not a pickled state dict.
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001
             raise DataFormatError(f"{path}: neither a torch state dict, a safetensors file nor a TorchScript archive "
                                   f"({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -107,6 +107,19 @@ def _resume_or_run(ctx: RunContext, seed: int, fn) -> dict[str, Any]:
     return result
 
 
+def _data_path(run_dir: Path) -> Path | None:
+    """The run's ``--data`` (written by the CLI to ``data_path.txt``), None for the embedded default."""
+    f = run_dir / "data_path.txt"
+    return Path(f.read_text().strip()) if f.is_file() else None
+
+
+def _table_figure(run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+    from threefold.pipelines.figures import figures_dir
+    from threefold.pipelines.figures_graphs import plot_method_table
+
+    return [plot_method_table(figures_dir(run_dir) / "results.png", metrics["tables"])] if metrics.get("tables") else []
+
+
 # ----------------------------------------------------------------------------------- IsoC-VGAE
 @dataclass
 class IsoCModelConfig:
@@ -193,6 +206,15 @@ def _embed(module: IsoCModule, x: torch.Tensor, edge_index: torch.Tensor) -> tor
     return module.model.embed(x, edge_index)
 
 
+def _isoc_from_checkpoint(path: Path) -> IsoCModule:
+    from threefold.pipelines.engine import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    module = IsoCModule(ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
+
+
 def _node_metrics(embs: dict[str, torch.Tensor], graph: Data, gen: torch.Generator) -> dict[str, dict[str, float]]:
     tr, va, te = _idx(graph.train_mask), _idx(graph.val_mask), _idx(graph.test_mask)
     full = _idx(~(graph.val_mask | graph.test_mask))  # the IsoC-VGAE reference's probe protocol
@@ -276,6 +298,23 @@ class PlanetoidIsoCVGAE(Pipeline):
         })
 
 
+    def figures(self, cfg: PlanetoidIsoCConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, the result table as bars, and PCA / t-SNE of the first seed's trained IsoC-VGAE node
+        embedding (node task: trained on the full graph) for all nodes, coloured by class."""
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_graphs import plot_embeddings
+
+        paths = super().figures(cfg, run_dir, metrics) + _table_figure(run_dir, metrics)
+        seed = (metrics.get("seeds") or [cfg.seed])[0]
+        ckpt = run_dir / f"seed{seed}" / "node" / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            return paths
+        graph, dataset = load_planetoid_graph(_data_path(run_dir), cfg.dataset)
+        z = _embed(_isoc_from_checkpoint(ckpt), graph.x, graph.edge_index).cpu().numpy()
+        return paths + plot_embeddings(figures_dir(run_dir), z, graph.y.numpy(), f"IsoC-VGAE node embedding ({dataset}, "
+                                       f"seed {seed}, final checkpoint, all {graph.num_nodes} nodes)", seed)
+
+
 # ------------------------------------------------------------------------------- TU IsoC-VGAE
 @dataclass
 class TUIsoCConfig(RunConfig):
@@ -357,14 +396,37 @@ class TUIsoCVGAE(Pipeline):
     description = "IsoC-VGAE (GIN encoder) on TU graph classification: SVM probe on pooled embeddings with baselines"
     config_class = TUIsoCConfig
 
-    def run(self, cfg: TUIsoCConfig, ctx: RunContext) -> dict[str, Any]:
-        if ctx.data is None:
+    @staticmethod
+    def _graphs(data: Path | None, cfg: TUIsoCConfig) -> tuple[list[Data], Batch, str]:
+        """The graphs, their disjoint union (one batch) and the data set's name."""
+        if data is None:
             graphs, dataset = sbm_graph_dataset(), "sbm-graphs"
         else:
             from threefold.datasets.tu import load_tu
 
-            graphs, dataset = load_tu(ctx.data, cfg.dataset), cfg.dataset
+            graphs, dataset = load_tu(data, cfg.dataset), cfg.dataset
         union = Batch.from_data_list([Data(x=g.x, edge_index=g.edge_index, y=g.y, num_nodes=g.num_nodes) for g in graphs])
+        return graphs, union, dataset
+
+    def figures(self, cfg: TUIsoCConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, the result table as bars, and PCA / t-SNE of the first seed's pooled graph
+        embeddings (trained IsoC-VGAE encoder, ``pool``) for every graph, coloured by graph class."""
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_graphs import plot_embeddings
+
+        paths = super().figures(cfg, run_dir, metrics) + _table_figure(run_dir, metrics)
+        seed = (metrics.get("seeds") or [cfg.seed])[0]
+        ckpt = run_dir / f"seed{seed}" / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            return paths
+        _, union, dataset = self._graphs(_data_path(run_dir), cfg)
+        z = _pool(_embed(_isoc_from_checkpoint(ckpt), union.x, union.edge_index).cpu(), union.batch, union.num_graphs, cfg.pool)
+        return paths + plot_embeddings(figures_dir(run_dir), z.numpy(), union.y.numpy(), f"{cfg.pool}-pooled IsoC-VGAE "
+                                       f"graph embedding ({dataset}, seed {seed}, final checkpoint, all {union.num_graphs} graphs)",
+                                       seed)
+
+    def run(self, cfg: TUIsoCConfig, ctx: RunContext) -> dict[str, Any]:
+        graphs, union, dataset = self._graphs(ctx.data, cfg)
         y = union.y.numpy()
 
         def one_seed(sub: RunContext, seed: int) -> dict[str, dict[str, float]]:
@@ -528,3 +590,27 @@ class PlanetoidSelfTask(Pipeline):
             t = out["tables"]["node/test_acc[public]"]
             out["beats_gcn_by_one_std"] = bool(t[method]["mean"] > t["gcn"]["mean"] + t["gcn"]["std"])
         return out
+
+    def figures(self, cfg: PlanetoidSelfTaskConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, the result table as bars, and PCA / t-SNE of the first seed's GCN hidden layer
+        (jointly trained with the pretext task, final checkpoint, eval mode) for all nodes."""
+        from threefold.pipelines.engine import load_checkpoint
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_graphs import plot_embeddings
+
+        paths = super().figures(cfg, run_dir, metrics) + _table_figure(run_dir, metrics)
+        seed = (metrics.get("seeds") or [cfg.seed])[0]
+        ckpt = run_dir / f"seed{seed}" / cfg.task / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            return paths
+        graph, dataset = load_planetoid_graph(_data_path(run_dir), cfg.dataset)
+        stored = load_checkpoint(ckpt)
+        module = SelfTaskModule(stored["hyper_parameters"], graph)
+        module.on_fit_start()  # the pretext task builds its parameters from the graph
+        module.load_state_dict(stored["state_dict"])
+        module.eval()
+        with torch.no_grad():
+            hidden = module.model(graph.x, graph.edge_index)[1].numpy()
+        return paths + plot_embeddings(figures_dir(run_dir), hidden, graph.y.numpy(), f"GCN hidden layer trained with "
+                                       f"{cfg.task} ({dataset}, seed {seed}, final checkpoint, all {graph.num_nodes} nodes)",
+                                       seed)

@@ -76,8 +76,26 @@ def test_back_projection_reads_each_points_own_pixel():
     # is the id of the pixel the point was taken to.
     ids = torch.arange(224 * 224, dtype=torch.float64).reshape(1, 1, 224, 224)
     got = sample_view_map(ids, torch.tensor(pts), geom)
-    np.testing.assert_array_equal(got[0, :, 0].numpy(), rows * 224 + cols)
+    np.testing.assert_allclose(got[0, :, 0].numpy(), rows * 224 + cols, rtol=1e-12)
     assert torch.equal(view_pixels(torch.tensor(pts), geom)[0], torch.tensor(rows * 224 + cols))
+
+
+def test_back_projection_equals_upsample_then_gather():
+    """The reference's I2P: interpolate(map, 224, bicubic) then gather at the pixel index."""
+    pts = torch.rand(2, 300, 3) * 2 - 1
+    _, geom = project_depth(pts)
+    fmap = torch.randn(2, 6, 14, 14, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(fmap, size=(224, 224), mode="bicubic", align_corners=False)
+    idx = view_pixels(pts, geom)
+    want = torch.stack([up[b].reshape(6, -1)[:, idx[b]].T for b in range(2)])
+    torch.testing.assert_close(sample_view_map(fmap, pts, geom), want)
+    # Edge pixels too (replicated borders): a map read at every pixel of the image.
+    every = torch.stack(torch.meshgrid(torch.arange(224.0), torch.arange(224.0), indexing="ij"), -1).reshape(1, -1, 2)
+    from threefold.geometry.i2pmae.projection import ViewGeometry
+
+    flat = ViewGeometry(torch.zeros(1, 2), torch.ones(1), torch.full((1, 2), -1))
+    got = sample_view_map(fmap[:1], torch.cat([every + 0.5, torch.zeros(1, every.shape[1], 1)], -1), flat)
+    torch.testing.assert_close(got[0].T.reshape(6, 224, 224), up[0])
 
 
 def test_constant_maps_read_back_constant_and_channels_stay_separate():

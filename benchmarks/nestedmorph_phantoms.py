@@ -1,0 +1,168 @@
+"""NestedMorph vs MONAI VoxelMorph on the embedded registration phantoms (issue #6, acceptance 2).
+
+Both networks are trained with the same budget — the same training pairs, the same number of
+optimiser steps of batch 1, the recipe of the ``hcp-*`` pipelines (``-LNCC²`` window 9 + 1·‖∇u‖² on
+the flow, Adam amsgrad, poly decay 0.9) — for each of ``--seeds`` seeds (network initialisation and
+pair order), then scored on the same held-out pairs with the pipeline's metrics. Rows: identity
+(= affine-only: the phantom pairs are already affinely aligned), NestedMorph, NestedMorph in
+diffeomorphic mode, VoxelMorph; mean ± std over seeds of the per-seed means over test pairs.
+
+    python benchmarks/nestedmorph_phantoms.py --device cuda              # the documented run (≤ 9 min, one H100)
+    python benchmarks/nestedmorph_phantoms.py --device cpu --size 32 --steps 60 --train-pairs 8 --test-pairs 2 --seeds 1
+
+Needs MONAI (VoxelMorph). Phantoms are generated on CPU worker processes and kept in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from threefold.datasets.registration_phantoms import LABELS, RegistrationPhantoms
+from threefold.medical.registration.losses import registration_loss
+from threefold.medical.registration.nestedmorph import REFERENCE_PARAMETERS, count_parameters
+from threefold.pipelines.config import config_to_dict
+from threefold.pipelines.metrics.registration import registration_pair_metrics, spacing_from_affine
+from threefold.pipelines.registration import RegistrationConfig, build_network
+
+KEYS = {
+    "EPE brain (vox)": "EPE[vox,brain]/after",
+    "NCC": "NCC[global]/after",
+    "SSIM": "SSIM3D[win=7,data_range=1]/after",
+    "MI": "MI[hist32,nats]/after",
+    "Dice": "Dice[labels]/after",
+    "HD95 mm": "HD95[max-directed,mm]/after",
+    "fold %": "folding%[J<=0]",
+    "SDlogJ+": "SDlogJ[positive]",
+    "SDlogJ L2R": "SDlogJ[learn2reg]",
+}
+BEFORE = {"EPE brain (vox)": "EPE[vox,brain]/before", "NCC": "NCC[global]/before", "SSIM": "SSIM3D[win=7,data_range=1]/before",
+          "MI": "MI[hist32,nats]/before", "Dice": "Dice[labels]/before", "HD95 mm": "HD95[max-directed,mm]/before"}
+METHODS = {"NestedMorph": ("nestedmorph", False), "NestedMorph-diffeo": ("nestedmorph", True), "VoxelMorph (MONAI)": ("voxelmorph", False)}
+
+
+def _item(args: tuple[int, int, str, int]) -> dict:
+    n, size, split, index = args
+    item = RegistrationPhantoms(n, size=size, seed=0, split=split)[index]
+    return {k: v for k, v in item.items() if k != "subject"}
+
+
+def phantoms(n: int, size: int, split: str, workers: int) -> list[dict]:
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_item, [(n, size, split, i) for i in range(n)]))
+
+
+def train(method: str, diffeomorphic: bool, pairs: list[dict], steps: int, lr: float, seed: int, device: torch.device,
+          similarity: str = "lncc") -> tuple[torch.nn.Module, float]:
+    cfg = RegistrationConfig(method=method)
+    cfg.model.diffeomorphic = diffeomorphic
+    torch.manual_seed(seed)
+    net = build_network(cfg).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(1.0 - s / steps, 0.0) ** cfg.optim.poly_power)
+    order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(pairs)), steps + len(pairs)))
+    moving = torch.stack([p["moving"] for p in pairs]).to(device)
+    fixed = torch.stack([p["fixed"] for p in pairs]).to(device)
+    start = time.perf_counter()
+    for step in range(steps):
+        i = int(order[step])
+        out = net(moving[i : i + 1], fixed[i : i + 1])
+        loss = registration_loss(out.warped, fixed[i : i + 1], out.ddf, similarity)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return net.eval(), time.perf_counter() - start
+
+
+def evaluate(net, pairs: list[dict], device: torch.device | None) -> list[dict]:
+    rows = []
+    for p in pairs:
+        b = {k: v[None] for k, v in p.items() if isinstance(v, torch.Tensor)}
+        if net is None:
+            ddf = torch.zeros_like(b["ddf_true"])
+        else:
+            with torch.no_grad():
+                ddf = net(b["moving"].to(device), b["fixed"].to(device)).ddf.float().cpu()
+        rows.append(registration_pair_metrics(b["moving"], b["fixed"], ddf, spacing_from_affine(p["affine"]),
+                                              b["moving_label"], b["fixed_label"], LABELS, b["ddf_true"]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--train-pairs", type=int, default=48)
+    ap.add_argument("--test-pairs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps (batch 1) per network and seed")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--similarity", default="lncc", choices=["lncc", "mi"], help="similarity term of the loss")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--workers", type=int, default=8, help="processes generating phantoms")
+    ap.add_argument("--json", default=None, help="also write the per-seed results here")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    train_pairs = phantoms(args.train_pairs, args.size, "train", args.workers)
+    test_pairs = phantoms(args.test_pairs, args.size, "test", args.workers)
+    t_data = time.perf_counter() - t0
+    import monai
+
+    print(f"machine: {platform.node()} | {platform.processor() or platform.machine()} | device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"torch {torch.__version__}, monai {monai.__version__}")
+    print(f"budget: {args.steps} steps of batch 1 per network and seed, lr {args.lr} (Adam amsgrad, poly 0.9), "
+          f"loss {'-LNCC²(9)' if args.similarity == 'lncc' else '-MI(Parzen, 23 bins)'} + 1·diffusion(flow); {args.train_pairs} train / {args.test_pairs} test phantom pairs "
+          f"of {args.size}³ (seed 0); seeds {list(range(args.seeds))}; phantoms generated in {t_data:.0f} s")
+
+    results: dict[str, list[dict[str, float]]] = {"identity (affine-only)": []}
+    identity = evaluate(None, test_pairs, None)
+    results["identity (affine-only)"] = [{k: float(np.mean([r[v] for r in identity])) for k, v in BEFORE.items()}]
+    params, times = {}, {}
+    for name in args.methods:
+        method, diffeo = METHODS[name]
+        results[name] = []
+        for seed in range(args.seeds):
+            net, dt = train(method, diffeo, train_pairs, args.steps, args.lr, seed, device, args.similarity)
+            params[name] = count_parameters(net)
+            times.setdefault(name, []).append(dt)
+            rows = evaluate(net, test_pairs, device)
+            results[name].append({k: float(np.mean([r[v] for r in rows])) for k, v in KEYS.items()})
+            print(f"  {name} seed {seed}: trained in {dt:.0f} s; " + ", ".join(f"{k} {v:.4g}" for k, v in results[name][-1].items()), flush=True)
+
+    cols = list(KEYS)
+    print()
+    print("| method | params | train s | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for name, per_seed in results.items():
+        cells = []
+        for c in cols:
+            v = [r[c] for r in per_seed if c in r]
+            cells.append("–" if not v else (f"{np.mean(v):.4g} ± {np.std(v):.2g}" if len(v) > 1 else f"{v[0]:.4g}"))
+        p = f"{params[name] / 1e6:.2f} M" if name in params else "–"
+        t = f"{np.mean(times[name]):.0f}" if name in times else "–"
+        print(f"| {name} | {p} | {t} | " + " | ".join(cells) + " |")
+    ref = ", ".join(f"{k}: {v / 1e6:.2f} M" for k, v in REFERENCE_PARAMETERS.items())
+    if "NestedMorph" in params:
+        print(f"\nNestedMorph parameters: {params['NestedMorph'] / 1e6:.2f} M (reference repository {ref})")
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "params": params, "train_s": times,
+                       "config": config_to_dict(RegistrationConfig())}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

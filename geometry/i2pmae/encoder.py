@@ -207,7 +207,7 @@ class HierarchicalEncoder(nn.Module):
                     full = x
                 else:
                     full = tokens.clone()
-                    full[visible] = x[valid]  # both row-major over the visible tokens
+                    full[visible] = x[valid].to(full.dtype)  # both row-major over the visible tokens
         return out
 
 

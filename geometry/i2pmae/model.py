@@ -133,7 +133,7 @@ class I2PMAE(nn.Module):
             s = top - j
             enc = encoded[s]
             fine = visible_tokens.new_zeros(b, scales[s].centers.shape[1], enc.tokens.shape[-1])
-            fine[enc.visible] = norms[s](enc.tokens)[enc.valid]
+            fine[enc.visible] = norms[s](enc.tokens)[enc.valid].to(fine.dtype)
             x = self.propagation[j - 1](scales[s].centers, centers_prev, fine, x)
             x = self.decoder[j](x, self.decoder_pos_embeds[j](scales[s].centers))
             centers_prev = scales[s].centers

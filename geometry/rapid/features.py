@@ -6,9 +6,9 @@ equations and the choices made where the paper leaves them open.
 
 Two implementations of one definition:
 
-- NumPy in → NumPy out: one scipy ``cKDTree`` over (x, y, z, roi · BIG), so one query per point stays
-  inside its RoI (BIG exceeds the scene's extent; neighbours from another RoI come back beyond
-  ``distance_upper_bound`` and are dropped), queried for k_max + 1 neighbours with ``workers`` threads.
+- NumPy in → NumPy out: points sorted by RoI, one scipy ``cKDTree`` per RoI queried for k + 1
+  neighbours, RoIs spread over ``workers`` threads. (One tree over (x, y, z, roi · BIG) also keeps
+  queries inside their RoI, but measured 20 % slower on a 120k-point scan: small trees search faster.)
 - torch in → torch out on the input's device: RoIs of similar size are padded into batches and
   searched exhaustively with blocked ``torch.cdist`` (direct differences, not the
   ``|a|^2 + |b|^2 - 2ab`` expansion, whose cancellation at 50 m coordinates costs centimetres in
@@ -78,7 +78,7 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
         d_range, r_range: fix (D_min, D_max) in metres and (r_min, r_max) instead of taking them
             from the frame (see below), e.g. to make features comparable across frames.
         normalize: divide by the frame's largest 4D distance (below); False keeps metres.
-        workers: scipy ``cKDTree.query`` threads for the NumPy path (-1: all cores).
+        workers: threads for the NumPy path's per-RoI kd-tree searches (-1: all cores).
 
     Returns:
         (N, k_max) float32 of the same kind as ``coord`` (NumPy, or torch on ``coord``'s device).
@@ -143,94 +143,119 @@ def _k_per_point_np(coord: np.ndarray, k: tuple[int, ...], ranges: tuple[float, 
     return np.asarray(k, dtype=np.int64)[np.searchsorted(np.asarray(ranges), rng, side="right")]
 
 
-def _knn_numpy(coord: np.ndarray, roi: np.ndarray, kq: int,
-               workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``sel`` (M,): the points with roi >= 0; indices into ``sel`` (M, kq) and 3D distances (M, kq)
-    of their kq nearest same-RoI neighbours, self excluded, nearest first; missing → index -1, inf."""
+def _knn_numpy(x: np.ndarray, k_pt: np.ndarray, bounds: np.ndarray,
+               workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact same-RoI kNN for points sorted by RoI (RoI r owns rows bounds[r]:bounds[r + 1]).
+
+    Returns indices (M, K) into the sorted rows and 3D distances (M, K), K = max(k_pt): the k_pt[i]
+    nearest other points of i's RoI, nearest first; missing (RoI too small) → index -1, distance inf.
+    One kd-tree per RoI (small trees are faster to search than one tree over all RoIs); RoIs run in
+    parallel threads (the query releases the GIL), largest first. Columns beyond a point's own k are
+    filled too; the caller masks them."""
     from scipy.spatial import cKDTree
 
-    sel = np.flatnonzero(roi >= 0)
-    x = coord[sel].astype(np.float64)
-    g = roi[sel]
-    m = sel.size
-    # RoIs are separated along a 4th axis by more than any in-RoI distance can be, so the kd-tree's
-    # first splits separate RoIs and a neighbour from another RoI lies beyond the upper bound.
-    extent = float(np.ptp(x, axis=0).max()) if m else 0.0
-    big = 4.0 * extent + 1.0
-    ids, grp = np.unique(g, return_inverse=True)
-    pts = np.concatenate([x, (grp.astype(np.float64) * big)[:, None]], axis=1)
-    tree = cKDTree(pts, leafsize=16, balanced_tree=False, compact_nodes=False)
-    kk = min(kq + 1, m)
-    dist, idx = tree.query(pts, k=kk, distance_upper_bound=0.5 * big, workers=workers)
-    if kk == 1:
-        dist, idx = dist[:, None], idx[:, None]
-    # drop self by index (not by column 0: duplicates of p_j can come first); where self did not
-    # make the list (more than kq exact duplicates), drop the last column instead
-    is_self = idx == np.arange(m)[:, None]
-    no_self = ~is_self.any(axis=1)
-    is_self[no_self, -1] = True
-    keep = ~is_self
-    idx = idx[keep].reshape(m, kk - 1)
-    dist = dist[keep].reshape(m, kk - 1)
-    missing = idx >= m
-    idx = np.where(missing, -1, idx)
-    if kk - 1 < kq:
-        idx = np.pad(idx, ((0, 0), (0, kq - kk + 1)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, kq - kk + 1)), constant_values=np.inf)
-    return sel, idx, dist
+    m = x.shape[0]
+    kq = int(k_pt.max())
+    idx = np.full((m, kq), -1, dtype=np.int64)
+    dist = np.full((m, kq), np.inf)
+    spans = sorted(((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b - a > 1), key=lambda s: s[0] - s[1])
+    inner = workers if len(spans) == 1 else 1
+
+    def search(span: tuple[int, int]) -> None:
+        a, b = span
+        tree = cKDTree(x[a:b], leafsize=32, balanced_tree=False, compact_nodes=False)
+        # one query per RoI for its largest k (+1 for self): splitting by range band saves distance
+        # evaluations but loses more to scattered memory access
+        kk = min(int(k_pt[a:b].max()) + 1, b - a)
+        q = np.arange(b - a)
+        d, i = tree.query(x[a:b], k=kk, workers=inner)
+        d, i = d.reshape(-1, kk), i.reshape(-1, kk)
+        # self is column 0 unless exact duplicates of the point come first: there drop self by
+        # index, or, where self is not in the list at all (more than k duplicates), the last column
+        odd = np.flatnonzero(i[:, 0] != q)
+        if odd.size:
+            is_self = i[odd] == q[odd, None]
+            is_self[~is_self.any(axis=1), -1] = True
+            i_odd, d_odd = i[odd][~is_self].reshape(-1, kk - 1), d[odd][~is_self].reshape(-1, kk - 1)
+        i, d = i[:, 1:], d[:, 1:]
+        if odd.size:
+            i[odd], d[odd] = i_odd, d_odd
+        idx[a:b, : kk - 1] = i + a
+        dist[a:b, : kk - 1] = d
+
+    if workers > 1 and len(spans) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(search, spans))
+    else:
+        for span in spans:
+            search(span)
+    return idx, dist
 
 
-def _rows_numpy(d: np.ndarray, dr: np.ndarray, valid: np.ndarray, delta: float | None,
-                d_range: tuple[float, float] | None, r_range: tuple[float, float] | None, rem: np.ndarray,
-                normalize: bool) -> np.ndarray:
-    """4D distance, sort, normalise, clip, pad: (M, K) 3D distances ``d`` and remission differences
-    ``dr`` with a validity mask → (M, K) float32 rows."""
+def _rows_numpy(d: np.ndarray, dr: np.ndarray, k_pt: np.ndarray, delta: float | None,
+                d_range: tuple[float, float] | None, r_span: float, normalize: bool, k_max: int) -> np.ndarray:
+    """4D distance, sort, normalise, clip, pad: (M, K) 3D distances ``d`` (inf where missing), remission
+    differences ``dr``, per-point k → (M, k_max) float32 rows."""
+    m, kcols = d.shape
+    col = np.arange(kcols)
+    valid = (col[None, :] < k_pt[:, None]) & np.isfinite(d)
+    n_valid = valid.sum(axis=1)
+    d = np.where(valid, d, np.nan).astype(np.float32)
     if d_range is None:
-        dv = d[valid]
-        d_lo, d_hi = (float(dv.min()), float(dv.max())) if dv.size else (0.0, 0.0)
+        d_lo, d_hi = (float(np.nanmin(d)), float(np.nanmax(d))) if n_valid.any() else (0.0, 0.0)
     else:
         d_lo, d_hi = map(float, d_range)
-    r_lo, r_hi = (float(rem.min()), float(rem.max())) if r_range is None else map(float, r_range)
-    s = (d_hi - d_lo) / (r_hi - r_lo) if r_hi > r_lo else 0.0
-    rho = np.sqrt(d * d + (dr * s) ** 2)
-    rho = np.where(valid, rho, np.inf)
+    s = np.float32((d_hi - d_lo) / r_span if r_span > 0 else 0.0)
+    dr = dr.astype(np.float32)
+    dr *= s
+    rho = np.sqrt(d * d + dr * dr)  # NaN where invalid: np.sort puts NaN last
     rho.sort(axis=1)
-    n_valid = valid.sum(axis=1)
-    finite = np.isfinite(rho)
+    last = rho[np.arange(m), np.maximum(n_valid - 1, 0)]
+    last[n_valid == 0] = 0.0
     if normalize:
-        top = float(rho[finite].max()) if finite.any() else 0.0
+        top = float(last.max()) if m else 0.0
         if top > 0:
-            rho = rho / top
+            rho *= np.float32(1.0 / top)
+            last *= np.float32(1.0 / top)
     if delta is not None:
-        rho = np.minimum(rho, delta)
-    cap = np.where(n_valid > 0, rho[np.arange(rho.shape[0]), np.maximum(n_valid - 1, 0)], 0.0)
-    rho = np.where(np.arange(rho.shape[1])[None, :] < n_valid[:, None], rho, cap[:, None])
-    return rho.astype(np.float32)
+        np.minimum(rho, np.float32(delta), out=rho)
+        np.minimum(last, np.float32(delta), out=last)
+    out = np.empty((m, k_max), dtype=np.float32)
+    out[:, :kcols] = rho
+    out[:, kcols:] = last[:, None]
+    pad = np.arange(k_max)[None, :] >= n_valid[:, None]
+    out[pad] = np.broadcast_to(last[:, None], out.shape)[pad]
+    return out
 
 
 def _rapid_numpy(coord, rem, roi, k, ranges, delta, k_max, origin, d_range, r_range, normalize, workers):
     n = coord.shape[0]
     out = np.zeros((n, k_max), dtype=np.float32)
-    if n == 0 or not (roi >= 0).any():
+    sel = np.flatnonzero(roi >= 0)
+    if sel.size == 0:
         return out
     if workers == -1:
         workers = os.cpu_count() or 1
-    coord64 = coord.astype(np.float64)
-    sel, idx, dist = _knn_numpy(coord64, roi, max(k), workers)
-    k_pt = _k_per_point_np(coord64[sel], k, ranges, origin)
-    valid = (idx >= 0) & (np.arange(idx.shape[1])[None, :] < k_pt[:, None])
-    rem64 = rem.astype(np.float64)
-    rsel = rem64[sel]
-    dr = rsel[:, None] - rsel[np.where(idx >= 0, idx, 0)]
-    rows = _rows_numpy(np.where(valid, dist, 0.0), dr, valid, delta, d_range, r_range, rem64, normalize)
-    out[sel, : rows.shape[1]] = rows
-    if rows.shape[1] < k_max:  # k_max wider than max(k): continue the pad with the row cap
-        out[sel, rows.shape[1]:] = rows[:, -1:]
+    g = roi[sel]
+    order = sel[np.argsort(g, kind="stable")]  # points with a RoI, sorted by RoI
+    gs = roi[order]
+    bounds = np.concatenate([[0], np.flatnonzero(gs[1:] != gs[:-1]) + 1, [gs.size]])
+    x = coord[order].astype(np.float64)
+    k_pt = _k_per_point_np(x, k, ranges, origin)
+    idx, dist = _knn_numpy(x, k_pt, bounds, workers)
+    rs = rem[order].astype(np.float32)
+    dr = rs[:, None] - rs[idx]  # idx -1 reads the last point; masked as invalid by dist = inf
+    r_lo, r_hi = (float(rem.min()), float(rem.max())) if r_range is None else map(float, r_range)
+    out[order] = _rows_numpy(dist, dr, k_pt, delta, d_range, r_hi - r_lo, normalize, k_max)
     return out
 
 
 # --------------------------------------------------------------------------------------------- torch
-_BLOCK_ELEMENTS = 1 << 25  # distance-matrix entries per cdist block (128 MiB in float32)
+# distance-matrix entries per cdist block: 1 GiB of float32 on a GPU (few, large kernels), 16 MiB on
+# a CPU (stays in cache)
+_BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 22}
 
 
 def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,7 +294,7 @@ def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.T
         gather = torch.where(inside, st[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
         pts = x[gather]  # (b, L, 3); padded slots hold a copy of point 0 and are masked below
         kk = min(kq, length - 1)
-        chunk = max(1, _BLOCK_ELEMENTS // max(1, b * length))
+        chunk = max(1, _BLOCK_ELEMENTS.get(dev.type, 1 << 22) // max(1, b * length))
         for q0 in range(0, length, chunk):
             q1 = min(length, q0 + chunk)
             dmat = torch.cdist(pts[:, q0:q1], pts, compute_mode="donot_use_mm_for_euclid_dist")  # (b, q, L)

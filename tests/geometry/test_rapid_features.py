@@ -160,7 +160,12 @@ def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     coord, rem, roi = cloud(20000, 9, n_roi=64, spread=50.0)
-    want = rapid_features(coord, rem, roi)
-    got = rapid_features(torch.from_numpy(coord).cuda(), torch.from_numpy(rem).cuda(), torch.from_numpy(roi).cuda())
-    assert got.device.type == "cuda"
-    np.testing.assert_allclose(got.cpu().numpy(), want, atol=1e-5)
+    roi[:100] = -1
+    args = [torch.from_numpy(a) for a in (coord, rem, roi)]
+    want = rapid_features(*args)  # torch CPU path (no scipy needed on the GPU machine)
+    got = rapid_features(*(a.cuda() for a in args))
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=1e-5)
+    small = cloud(300, 10)
+    np.testing.assert_allclose(rapid_features(*(torch.from_numpy(a).cuda() for a in small)).cpu().numpy(),
+                               reference(*small), atol=1e-5)

@@ -1,0 +1,205 @@
+"""Benchmark of R-RAPiD features (ring RoIs, k = 10/7/5 at 20/35 m, δ = 0.9) on one 64-beam scan;
+prints a markdown table.
+
+    python benchmarks/rapid_features.py                           # CPU, the real scan from the test data
+    python benchmarks/rapid_features.py --device cuda --data SCAN.bin
+    python benchmarks/rapid_features.py --workers 2 --repeats 7
+
+Input: ``--data`` (a SemanticKITTI ``.bin``; default ``$THREEFOLD_TEST_DATA/semantickitti/sequences/00/
+velodyne/000000.bin``, 124,668 points), or, when absent, a NumPy-generated 120,000-point ring-structured
+cloud (64 beams x 1,875 azimuths, random ranges 3-80 m, seed 0) — no open3d needed.
+
+Implementations, timed in the same process on the same points and rings:
+
+* ours, NumPy: one scipy ``cKDTree`` over (x, y, z, ring · BIG), per-band queries, ``workers`` threads;
+* peer: the vectorised scipy implementation the issue names — one ``cKDTree`` per ring, each queried
+  for k_max + 1 with ``workers`` threads, then the same vectorised row operations (written here);
+* per-point loop: one NumPy distance pass per point over its ring, timed on ``--loop-points`` points
+  and extrapolated linearly to the whole scan (marked "extrapolated");
+* ours, torch (``--device cpu`` or ``cuda``): blocked ``torch.cdist`` + ``topk`` in RoI batches.
+
+Each time is the median of ``--repeats`` runs after one warm-up (CUDA: synchronised). Ratio = time /
+ours-NumPy time on CPU (or / ours-torch on CUDA); "max |Δ|" compares each output with ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from threefold.geometry.rapid.features import lidar_rings, rapid_features
+
+K, RANGES, DELTA = (10, 7, 5), (20.0, 35.0), 0.9
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", load avg %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} logical cores{load}"
+
+
+def _load(path: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
+    if path is not None and path.is_file():
+        rec = np.fromfile(path, dtype="<f4").reshape(-1, 4)
+        return rec[:, :3].copy(), rec[:, 3].copy(), f"{path} ({len(rec):,} points)"
+    rng = np.random.default_rng(0)
+    elev = np.deg2rad(np.linspace(2.0, -24.8, 64))[:, None]
+    az = np.linspace(0, 2 * np.pi, 1875, endpoint=False)[None, :] + rng.normal(0, 1e-4, (64, 1875))
+    r = rng.uniform(3, 80, (64, 1875))
+    xyz = np.stack([r * np.cos(elev) * np.cos(az), r * np.cos(elev) * np.sin(az), r * np.sin(elev)], -1)
+    return xyz.reshape(-1, 3).astype(np.float32), rng.uniform(0, 1, 64 * 1875).astype(np.float32), \
+        "random ring-structured cloud (120,000 points, seed 0; --data absent)"
+
+
+def _rows(d: np.ndarray, dr: np.ndarray, k_pt: np.ndarray, r_span: float) -> np.ndarray:
+    """Peer's row operations: the same definition, written independently."""
+    col = np.arange(d.shape[1])[None, :]
+    valid = (col < k_pt[:, None]) & np.isfinite(d)
+    dv = d[valid]
+    s = (dv.max() - dv.min()) / r_span
+    rho = np.where(valid, np.sqrt(d ** 2 + (s * dr) ** 2), np.inf)
+    rho.sort(axis=1)
+    nv = valid.sum(1)
+    top = rho[np.isfinite(rho)].max()
+    rho = np.minimum(rho / top, DELTA)
+    cap = np.where(nv > 0, rho[np.arange(len(rho)), np.maximum(nv - 1, 0)], 0.0)
+    return np.where(col < nv[:, None], rho, cap[:, None]).astype(np.float32)
+
+
+def peer_per_ring(coord: np.ndarray, rem: np.ndarray, ring: np.ndarray, workers: int) -> np.ndarray:
+    from scipy.spatial import cKDTree
+
+    x = coord.astype(np.float64)
+    n, kq = len(x), max(K)
+    idx = np.full((n, kq), -1)
+    dist = np.full((n, kq), np.inf)
+    for g in np.unique(ring):
+        members = np.flatnonzero(ring == g)
+        kk = min(kq + 1, len(members))
+        d, i = cKDTree(x[members]).query(x[members], k=kk, workers=workers)
+        d, i = d.reshape(len(members), kk)[:, 1:], i.reshape(len(members), kk)[:, 1:]
+        idx[members, : kk - 1] = members[i]
+        dist[members, : kk - 1] = d
+    rng = np.linalg.norm(x, axis=1)
+    k_pt = np.where(rng < RANGES[0], K[0], np.where(rng < RANGES[1], K[1], K[2]))
+    dr = rem[:, None].astype(np.float64) - rem[np.maximum(idx, 0)]
+    return _rows(dist, dr, k_pt, float(rem.max() - rem.min()))
+
+
+def loop_per_point(coord: np.ndarray, rem: np.ndarray, ring: np.ndarray, points: np.ndarray) -> list[np.ndarray]:
+    """The per-point loop of a direct implementation (neighbour rows only; the frame-wide normalisation
+    needs every row, so only the search and 4D distances are timed)."""
+    x = coord.astype(np.float64)
+    members = {g: np.flatnonzero(ring == g) for g in np.unique(ring)}
+    rows = []
+    for j in points:
+        m = members[ring[j]]
+        d = np.linalg.norm(x[m] - x[j], axis=1)
+        d[m == j] = np.inf
+        kj = K[0] if np.linalg.norm(x[j]) < RANGES[0] else (K[1] if np.linalg.norm(x[j]) < RANGES[1] else K[2])
+        nn = np.argsort(d)[:kj]
+        rows.append(np.sort(np.sqrt(d[nn] ** 2 + (rem[j] - rem[m[nn]]) ** 2)))
+    return rows
+
+
+def _time(fn: Callable[[], object], repeats: int, cuda: bool = False) -> tuple[float, object]:
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = Path(os.environ.get("THREEFOLD_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", type=Path, default=default / "semantickitti/sequences/00/velodyne/000000.bin")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="kd-tree threads (ours and peer)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--loop-points", type=int, default=2000)
+    ap.add_argument("--torch-threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+    coord, rem, what = _load(args.data)
+    ring = lidar_rings(coord)
+    n = len(coord)
+    try:
+        import scipy
+
+        scipy_version = scipy.__version__
+    except ImportError:  # the GPU machine may lack scipy: CUDA timing only
+        scipy_version = "absent"
+
+    print(f"input: {what}")
+    print(f"machine: {_machine(args.device)}")
+    print(f"versions: python {platform.python_version()}, numpy {np.__version__}, scipy {scipy_version}, "
+          f"torch {torch.__version__} (threads {torch.get_num_threads()}), kd-tree workers {args.workers}")
+    results: list[tuple[str, float, str, float | None]] = []
+
+    if args.device == "cpu":
+        t_ours, ours = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
+        results.append(("ours, NumPy (one 4-D cKDTree)", t_ours, "", 0.0))
+        t_peer, peer = _time(lambda: peer_per_ring(coord, rem, ring, args.workers), args.repeats)
+        results.append(("peer: scipy cKDTree per ring", t_peer, "", float(np.abs(peer - ours).max())))
+        pts = np.random.default_rng(1).choice(n, min(args.loop_points, n), replace=False)
+        t0 = time.perf_counter()
+        loop_per_point(coord, rem, ring, pts)
+        t_loop = (time.perf_counter() - t0) * n / len(pts)
+        results.append((f"per-point loop (NumPy per point, {len(pts):,} points)", t_loop, "extrapolated", None))
+        t_torch, got = _time(lambda: rapid_features(torch.from_numpy(coord), torch.from_numpy(rem),
+                                                    torch.from_numpy(ring)), max(1, args.repeats // 2))
+        results.append(("ours, torch CPU (blocked cdist + topk)", t_torch, "", float(np.abs(got.numpy() - ours).max())))
+        base = t_ours
+    else:
+        c, r, g = (torch.from_numpy(a).cuda() for a in (coord, rem, ring))
+        t_gpu, got = _time(lambda: rapid_features(c, r, g), args.repeats, cuda=True)
+        ref = None
+        try:
+            ref = rapid_features(coord, rem, ring, workers=args.workers)
+        except ImportError:  # no scipy on the GPU machine: no CPU reference
+            pass
+        results.append(("ours, torch CUDA (blocked cdist + topk)", t_gpu, "",
+                        float(np.abs(got.cpu().numpy() - ref).max()) if ref is not None else None))
+        torch.cuda.reset_peak_memory_stats()
+        rapid_features(c, r, g)
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        if ref is not None:
+            t_np, _ = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
+            results.append(("ours, NumPy on this host's CPU", t_np, "", 0.0))
+        base = t_gpu
+
+    print()
+    print("| implementation | time per scan | points/s | ratio to ours | max abs diff vs ours |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t, note, diff in results:
+        ms = f"{t * 1e3:.1f} ms" + (f" ({note})" if note else "")
+        dtxt = "—" if diff is None else f"{diff:.1e}"
+        print(f"| {name} | {ms} | {n / t:,.0f} | {t / base:.2f} | {dtxt} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -103,7 +103,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--train-pairs", type=int, default=48)
     ap.add_argument("--test-pairs", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps (batch 1) per network and seed")
+    ap.add_argument("--steps", default="auto",
+                    help="optimiser steps (batch 1) per network and seed; 'auto': as many as fit --train-budget")
+    ap.add_argument("--train-budget", type=float, default=420.0,
+                    help="seconds of training for all networks and seeds together when --steps auto")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--similarity", default="lncc", choices=["lncc", "mi"], help="similarity term of the loss")
@@ -123,10 +126,26 @@ def main() -> None:
     print(f"machine: {platform.node()} | {platform.processor() or platform.machine()} | device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"torch {torch.__version__}, monai {monai.__version__}")
-    print(f"budget: {args.steps} steps of batch 1 per network and seed, lr {args.lr} (Adam amsgrad, poly 0.9), "
-          f"loss {'-LNCC²(9)' if args.similarity == 'lncc' else '-MI(Parzen, 23 bins)'} + 1·diffusion(flow); {args.train_pairs} train / {args.test_pairs} test phantom pairs "
-          f"of {args.size}³ (seed 0); seeds {list(range(args.seeds))}; phantoms generated in {t_data:.0f} s")
+    loss_name = "-LNCC²(9)" if args.similarity == "lncc" else "-MI(Parzen, 23 bins)"
+    recipe = (f"lr {args.lr} (Adam amsgrad, poly 0.9), loss {loss_name} + 1·diffusion(flow); {args.train_pairs} train / "
+              f"{args.test_pairs} test phantom pairs of {args.size}³ (seed 0); seeds {list(range(args.seeds))}; "
+              f"phantoms generated in {t_data:.0f} s")
 
+    if args.steps == "auto":
+        # time 10 steps of each network after 3 warm-up steps, then give every network the same
+        # number of steps so that all of them, all seeds, fit the budget
+        per_step = {}
+        for name in args.methods:
+            method, diffeo = METHODS[name]
+            _, t_warm = train(method, diffeo, train_pairs, 3, args.lr, 0, device, args.similarity)
+            _, t_13 = train(method, diffeo, train_pairs, 13, args.lr, 0, device, args.similarity)
+            per_step[name] = max(t_13 - t_warm, 1e-6) / 10
+        args.steps = max(int(args.train_budget / (args.seeds * sum(per_step.values()))), 1)
+        print("measured s/step: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in per_step.items())
+              + f" -> {args.steps} steps each within a {args.train_budget:.0f} s training budget")
+    else:
+        args.steps = int(args.steps)
+    print(f"budget: {args.steps} steps of batch 1 per network and seed, {recipe}", flush=True)
     results: dict[str, list[dict[str, float]]] = {"identity (affine-only)": []}
     identity = evaluate(None, test_pairs, None)
     results["identity (affine-only)"] = [{k: float(np.mean([r[v] for r in identity])) for k, v in BEFORE.items()}]

@@ -190,6 +190,8 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         except Exception as exc:  # noqa: BLE001
             raise DataFormatError(f"{path}: neither a torch state dict, a safetensors file nor a TorchScript archive "
                                   f"({exc})") from exc
+    if isinstance(state, torch.jit.ScriptModule):  # torch.load may itself dispatch a TorchScript archive
+        state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -73,6 +73,26 @@ def test_open_clip_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(quick(images)[0], t(images)[0])
 
 
+def test_openai_torchscript_archive(tmp_path):
+    """OpenAI distributes ViT-B-16.pt as a TorchScript archive of the whole CLIP model (``visual.*``)."""
+    src = random_teacher(seed=4, width=64, layers=1, heads=1, output_dim=8)
+
+    class Whole(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = src.visual
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.visual.conv1(x)
+
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.trace(Whole(), torch.randn(1, 3, 224, 224)).save(str(path))
+    t = load_clip_teacher(path, act="gelu")
+    images = torch.randn(1, 3, 224, 224)
+    for a, b in zip(t(images), src(images)):
+        torch.testing.assert_close(a, b)
+
+
 def test_timm_checkpoint_round_trip(tmp_path):
     """timm ``vit_base_patch16_clip_224``-style names (cls_token, pos_embed, patch_embed.proj, norm_pre,
     blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, head = projectionᵀ)."""

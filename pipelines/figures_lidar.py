@@ -132,7 +132,7 @@ def plot_lidar_views(
     ``learning_ignore`` / ``labels`` (raw id → name, for the legend) as in SemanticKITTI's yaml
     (``threefold.datasets.semantickitti.semantickitti_config()``). ``fig_dir``: a run folder or its
     ``figures/`` folder. Writes ``<name>_bev.png`` (500 × 500 px per panel, one panel per view —
-    prediction, ground truth, error — plus a 300 px legend), ``<name>_range.png`` (1100 px wide, one
+    prediction, ground truth, error — plus a 200 px legend), ``<name>_range.png`` (1100 px wide, one
     64-row image shown 2× tall per view) and, with a target, ``<name>_confusion.png``
     (:func:`plot_confusion_matrix`, rows ground truth, ignored points left out). Returns the paths.
     """
@@ -153,8 +153,8 @@ def plot_lidar_views(
     names = [labels.get(r, str(r)) if labels is not None else f"class {k} (raw {r})" for k, r in enumerate(raw)]
 
     bev = bev_projection(xyz, bev_extent, bev_resolution)
-    fig = new_figure((5.0 * len(views) + 3.0, 5.0))
-    axes = fig.subplots(1, len(views) + 1, width_ratios=[5.0] * len(views) + [3.0])
+    fig = new_figure((5.0 * len(views) + 2.0, 5.0))
+    axes = fig.subplots(1, len(views) + 1, width_ratios=[5.0] * len(views) + [2.0])
     for ax, (title, colours) in zip(axes, views):
         ax.imshow(_paint(bev, colours), extent=(-bev_extent, bev_extent, -bev_extent, bev_extent),
                   interpolation="nearest")

@@ -122,7 +122,7 @@ def test_lidar_views_of_a_synthetic_scan(tmp_path):
                              labels={10: "car", 40: "road", 70: "vegetation"})
     assert [p.name for p in paths] == ["seq08_000000_bev.png", "seq08_000000_range.png", "seq08_000000_confusion.png"]
     assert all(p.parent == tmp_path / "figures" for p in paths)
-    sizes = {"bev": (500, 1800), "range": (489, 1100), "confusion": (450, 450)}
+    sizes = {"bev": (500, 1700), "range": (489, 1100), "confusion": (450, 450)}
     for p in paths:
         img = decode(p)
         assert img.shape[:2] == sizes[p.stem.rsplit("_", 1)[1]], (p.name, img.shape)
@@ -146,7 +146,7 @@ def test_prediction_only_and_bad_input(tmp_path):
     coord, pred, _ = synthetic_scan()
     paths = plot_lidar_views(tmp_path / "figures", coord, pred, None, TINY_MAP, TINY_INV)
     assert [p.name for p in paths] == ["scan_bev.png", "scan_range.png"]
-    assert decode(paths[0]).shape[:2] == (500, 800) and decode(paths[1]).shape[:2] == (163, 1100)
+    assert decode(paths[0]).shape[:2] == (500, 700) and decode(paths[1]).shape[:2] == (163, 1100)
     with pytest.raises(DataFormatError, match=r"pred: classes 0\.\.3; expected -1\.\.2"):
         plot_lidar_views(tmp_path, coord, np.r_[pred[:-1], 3], None, TINY_MAP, TINY_INV)
     with pytest.raises(DataFormatError, match=r"coord: shape \(5, 2\)"):

@@ -32,6 +32,7 @@ PIPELINE_MODULES: tuple[str, ...] = (
     "threefold.pipelines.pointmae",
     "threefold.pipelines.registration",
     "threefold.pipelines.i2pmae",
+    "threefold.pipelines.rapidseg",
 )
 
 

@@ -126,8 +126,15 @@ def voxelize(coord: Tensor, batch: Tensor, voxel_size: float) -> tuple[Tensor, T
     lo = torch.full((n_batch, 3), torch.iinfo(torch.int64).max, dtype=torch.long, device=coord.device)
     lo = lo.scatter_reduce(0, batch[:, None].expand(-1, 3), grid, reduce="amin")
     grid = grid - lo[batch]
-    keys = torch.cat([batch[:, None], grid], 1)
-    indices, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    # one int64 key per point, monotone in (b, i, j, k): a 1-D unique is ~10x faster than unique(dim=0)
+    span = grid.max(0).values + 1 if grid.numel() else torch.ones(3, dtype=torch.long, device=coord.device)
+    keys = ((batch * span[0] + grid[:, 0]) * span[1] + grid[:, 1]) * span[2] + grid[:, 2]
+    ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    k = ukeys % span[2]
+    rest = ukeys // span[2]
+    j = rest % span[1]
+    rest = rest // span[1]
+    indices = torch.stack([rest // span[0], rest % span[0], j, k], 1)
     return indices.int(), inverse
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from threefold.datasets.errors import ConfigError
 from threefold.datasets.splits import seed_everything
+from threefold.medical.deformation import jacobian_determinant
 from threefold.medical.registration.losses import registration_loss
 from threefold.medical.registration.nestedmorph import NestedMorph, RegistrationOutput, check_registration_shape, count_parameters
 from threefold.medical.registration.warp import warp
@@ -79,12 +81,21 @@ class OptimConfig:
 
 
 @dataclass
+class ClassicalConfig:
+    method: str = "bspline"  # bspline (Mattes MI, cross-modal) | demons (same contrast only)
+    iterations: int = 100  # optimiser iterations per level
+    grid_spacing_vox: float = 8.0  # B-spline control-point spacing at the finest level
+    bins: int = 32  # Mattes MI histogram bins
+
+
+@dataclass
 class RegistrationConfig(RunConfig):
     method: str = "nestedmorph"  # fixed by the pipeline name
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # hcp-classical only
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -216,15 +227,22 @@ def _batch(item: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v[None].to(device) if isinstance(v, Tensor) else v) for k, v in item.items()}
 
 
-def evaluate_pairs(dataset: Any, register) -> list[dict[str, Any]]:
-    """Score every pair of ``dataset``; ``register(moving, fixed) -> ddf`` ``(1, 3, D, H, W)`` voxels."""
+def evaluate_pairs(dataset: Any, register, example: Path | None = None) -> list[dict[str, Any]]:
+    """Score every pair of ``dataset``; ``register(moving, fixed) -> ddf`` ``(1, 3, D, H, W)`` voxels.
+    The first pair's volumes, field and Jacobian go to ``example`` (``.npz``) for the figures."""
     labels = label_names(dataset)
     rows = []
     for i in range(len(dataset)):
         item = dataset[i]
         s = _batch(item, torch.device("cpu"))
         ddf = register(s["moving"], s["fixed"]).detach().float().cpu()
-        row: dict[str, Any] = {"pair": str(item.get("subject", i))}
+        if i == 0 and example is not None:
+            np.savez_compressed(
+                example, fixed=s["fixed"][0, 0].numpy(), moving=s["moving"][0, 0].numpy(),
+                warped=warp(s["moving"], ddf)[0, 0].numpy(), ddf=ddf[0].numpy(),
+                jacobian=jacobian_determinant(ddf[0]).numpy(), name=np.asarray(row_name(item, i)),
+            )
+        row: dict[str, Any] = {"pair": row_name(item, i)}
         row.update(
             registration_pair_metrics(
                 s["moving"], s["fixed"], ddf, spacing_from_affine(item["affine"]),
@@ -233,6 +251,10 @@ def evaluate_pairs(dataset: Any, register) -> list[dict[str, Any]]:
         )
         rows.append(row)
     return rows
+
+
+def row_name(item: dict[str, Any], index: int) -> str:
+    return str(item.get("subject", index))
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -282,6 +304,18 @@ class _RegistrationPipeline(Pipeline):
         metrics.update(summarize_pairs(rows))
         return metrics
 
+    def figures(self, cfg: RegistrationConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Loss curves, then the first test pair: slices, checkerboards, deformation grid and Jacobian."""
+        from threefold.pipelines.figures import default_figures
+        from threefold.pipelines.figures_registration import plot_registration
+
+        paths = default_figures(run_dir, {})
+        example = run_dir / "example_pair.npz"
+        if example.is_file():
+            ex = np.load(example)
+            paths += plot_registration(run_dir, ex["fixed"], ex["moving"], ex["warped"], ex["ddf"], ex["jacobian"], name="pair0")
+        return paths
+
 
 class _LearnedRegistration(_RegistrationPipeline):
     def run(self, cfg: RegistrationConfig, ctx: RunContext) -> dict[str, Any]:
@@ -295,7 +329,8 @@ class _LearnedRegistration(_RegistrationPipeline):
         if not trainer.is_global_zero:
             return extra
         ctx.export_weights(module.net)
-        return self._report(cfg, ctx, evaluate_pairs(test, network_register(module)), extra)
+        rows = evaluate_pairs(test, network_register(module), ctx.run_dir / "example_pair.npz")
+        return self._report(cfg, ctx, rows, extra)
 
 
 @register_pipeline
@@ -326,7 +361,9 @@ class HCPClassical(_RegistrationPipeline):
         test = make_dataset(cfg, "test", ctx.data)
 
         def register(moving: Tensor, fixed: Tensor) -> Tensor:
-            ddf = register_classical(moving[0, 0].numpy(), fixed[0, 0].numpy())
-            return torch.as_tensor(ddf, dtype=torch.float32)[None]
+            c = cfg.classical
+            return register_classical(moving[0, 0], fixed[0, 0], c.method, iterations=c.iterations,
+                                      grid_spacing_vox=c.grid_spacing_vox, bins=c.bins, seed=cfg.seed)[None]
 
-        return self._report(cfg, ctx, evaluate_pairs(test, register), {"method": self.method})
+        rows = evaluate_pairs(test, register, ctx.run_dir / "example_pair.npz")
+        return self._report(cfg, ctx, rows, {"method": self.method})

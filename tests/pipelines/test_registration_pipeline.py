@@ -52,6 +52,8 @@ def test_nestedmorph_pipeline_learns_and_reports(tmp_path):
                  "SDlogJ[positive]/mean", "SDlogJ[learn2reg]/mean", "HD95[paper:threshold=0.5,slicewise,vox]/mean"):
         assert math.isfinite(metrics[name]), name
     assert (run / "model.safetensors").is_file() or (run / "model.pt").is_file()
+    for figure in ("pair0_slices", "pair0_checkerboard", "pair0_grid", "pair0_jacobian"):
+        assert (run / "figures" / f"{figure}.png").is_file(), figure
 
 
 @pytest.mark.slow
@@ -65,10 +67,10 @@ def test_voxelmorph_pipeline_runs_diffeomorphic(tmp_path):
     assert metrics["folding%[J<=0]/mean"] < 0.1
 
 
+@pytest.mark.slow
 def test_classical_pipeline(tmp_path):
     pytest.importorskip("SimpleITK")
-    pytest.importorskip("threefold.medical.registration.classical")
-    run = _run(tmp_path, "hcp-classical", ["data.test_pairs=1"])
+    run = _run(tmp_path, "hcp-classical", ["data.test_pairs=1", "classical.iterations=5"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_pairs"] == 1 and math.isfinite(metrics["EPE[vox,brain]/after/mean"])
 

@@ -117,18 +117,20 @@ def loop_per_point(coord: np.ndarray, rem: np.ndarray, ring: np.ndarray, points:
     return rows
 
 
-def _time(fn: Callable[[], object], repeats: int, cuda: bool = False) -> tuple[float, object]:
+def _time(fn: Callable[[], object], repeats: int, cuda: bool = False) -> tuple[float, float, object]:
+    """Median wall time, median process CPU time (all threads) and the output."""
     out = fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu), out
 
 
 def main() -> None:
@@ -158,47 +160,55 @@ def main() -> None:
     print(f"machine: {_machine(args.device)}")
     print(f"versions: python {platform.python_version()}, numpy {np.__version__}, scipy {scipy_version}, "
           f"torch {torch.__version__} (threads {torch.get_num_threads()}), kd-tree workers {args.workers}")
-    results: list[tuple[str, float, str, float | None]] = []
+    results: list[tuple[str, float, float | None, str, float | None]] = []
 
     if args.device == "cpu":
-        t_ours, ours = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
-        results.append(("ours, NumPy (one 4-D cKDTree)", t_ours, "", 0.0))
-        t_peer, peer = _time(lambda: peer_per_ring(coord, rem, ring, args.workers), args.repeats)
-        results.append(("peer: scipy cKDTree per ring", t_peer, "", float(np.abs(peer - ours).max())))
+        t_ours, c_ours, ours = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
+        results.append(("ours, NumPy (cKDTree per RoI, threads over RoIs)", t_ours, c_ours, "", 0.0))
+        t_peer, c_peer, peer = _time(lambda: peer_per_ring(coord, rem, ring, args.workers), args.repeats)
+        results.append(("peer: scipy cKDTree per ring, workers per query", t_peer, c_peer, "",
+                        float(np.abs(peer - ours).max())))
         pts = np.random.default_rng(1).choice(n, min(args.loop_points, n), replace=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loop_per_point(coord, rem, ring, pts)
         t_loop = (time.perf_counter() - t0) * n / len(pts)
-        results.append((f"per-point loop (NumPy per point, {len(pts):,} points)", t_loop, "extrapolated", None))
-        t_torch, got = _time(lambda: rapid_features(torch.from_numpy(coord), torch.from_numpy(rem),
-                                                    torch.from_numpy(ring)), max(1, args.repeats // 2))
-        results.append(("ours, torch CPU (blocked cdist + topk)", t_torch, "", float(np.abs(got.numpy() - ours).max())))
+        c_loop = (time.process_time() - c0) * n / len(pts)
+        results.append((f"per-point loop (NumPy per point, {len(pts):,} points)", t_loop, c_loop, "extrapolated", None))
+        t_torch, c_torch, got = _time(lambda: rapid_features(torch.from_numpy(coord), torch.from_numpy(rem),
+                                                             torch.from_numpy(ring), search="cdist"),
+                                      max(1, args.repeats // 3))
+        results.append(("ours, torch CPU (blocked cdist + topk)", t_torch, c_torch, "",
+                        float(np.abs(got.numpy() - ours).max())))
         base = t_ours
     else:
         c, r, g = (torch.from_numpy(a).cuda() for a in (coord, rem, ring))
-        t_gpu, got = _time(lambda: rapid_features(c, r, g), args.repeats, cuda=True)
+        t_gpu, _, got = _time(lambda: rapid_features(c, r, g), args.repeats, cuda=True)
         ref = None
         try:
             ref = rapid_features(coord, rem, ring, workers=args.workers)
         except ImportError:  # no scipy on the GPU machine: no CPU reference
             pass
-        results.append(("ours, torch CUDA (blocked cdist + topk)", t_gpu, "",
+        results.append(("ours, torch CUDA (blocked cdist + topk)", t_gpu, None, "",
                         float(np.abs(got.cpu().numpy() - ref).max()) if ref is not None else None))
         torch.cuda.reset_peak_memory_stats()
         rapid_features(c, r, g)
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
         if ref is not None:
-            t_np, _ = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
-            results.append(("ours, NumPy on this host's CPU", t_np, "", 0.0))
+            t_np, c_np, _ = _time(lambda: rapid_features(coord, rem, ring, workers=args.workers), args.repeats)
+            results.append(("ours, NumPy on this host's CPU", t_np, c_np, "", 0.0))
+            t_peer, c_peer, _ = _time(lambda: peer_per_ring(coord, rem, ring, args.workers), args.repeats)
+            results.append(("peer: scipy cKDTree per ring, this host's CPU", t_peer, c_peer, "", None))
         base = t_gpu
 
     print()
-    print("| implementation | time per scan | points/s | ratio to ours | max abs diff vs ours |")
-    print("|---|---:|---:|---:|---:|")
-    for name, t, note, diff in results:
+    print("| implementation | wall time per scan | CPU time (all threads) | points/s (wall) | wall ratio to ours |"
+          " max abs diff vs ours |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t, cpu_t, note, diff in results:
         ms = f"{t * 1e3:.1f} ms" + (f" ({note})" if note else "")
+        ctxt = "—" if cpu_t is None else f"{cpu_t * 1e3:.0f} ms"
         dtxt = "—" if diff is None else f"{diff:.1e}"
-        print(f"| {name} | {ms} | {n / t:,.0f} | {t / base:.2f} | {dtxt} |")
+        print(f"| {name} | {ms} | {ctxt} | {n / t:,.0f} | {t / base:.2f} | {dtxt} |")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,19 @@ Li, Shum, Breckon, "RAPiD-Seg: Range-Aware Pointwise Distance Distribution Netwo
 Segmentation", ECCV 2024 (arXiv 2407.10159), Sec. 3.1-3.2. See :func:`rapid_features` for the
 equations and the choices made where the paper leaves them open.
 
-Two implementations of one definition:
+NumPy in → NumPy out, torch in → torch out on the input's device. Two neighbour searches:
 
-- NumPy in → NumPy out: points sorted by RoI, one scipy ``cKDTree`` per RoI queried for k + 1
-  neighbours, RoIs spread over ``workers`` threads. (One tree over (x, y, z, roi · BIG) also keeps
-  queries inside their RoI, but measured 20 % slower on a 120k-point scan: small trees search faster.)
-- torch in → torch out on the input's device: RoIs of similar size are padded into batches and
-  searched exhaustively with blocked ``torch.cdist`` (direct differences, not the
+- ``search="kdtree"`` (CPU; default for NumPy and CPU tensors): points sorted by RoI, one scipy
+  ``cKDTree`` per RoI queried for k + 1 neighbours, RoIs spread over ``workers`` threads. (One tree
+  over (x, y, z, roi · BIG) also keeps queries inside their RoI, but measured 20 % slower on a
+  120k-point scan: small trees search faster.)
+- ``search="cdist"`` (any device; default on GPUs): RoIs of similar size are padded into batches and
+  searched exhaustively with blocked ``torch.cdist`` — direct differences, not the
   ``|a|^2 + |b|^2 - 2ab`` expansion, whose cancellation at 50 m coordinates costs centimetres in
-  float32) and ``topk``; the GPU path.
+  float32 — and ``topk``.
 
-The row operations after the neighbour search (4D distance, sort, normalisation, clipping, padding)
-are written once per backend and are identical.
+The row operations after the search (4D distance, sort, normalisation, clipping, padding) exist
+once in NumPy and once in torch; the tests hold both to a brute-force reference.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
                    ranges: Sequence[float] = (20.0, 35.0), delta: float | None = 0.9, k_max: int | None = None,
                    *, origin: Sequence[float] | None = None, d_range: tuple[float, float] | None = None,
                    r_range: tuple[float, float] | None = None, normalize: bool = True,
-                   workers: int = -1) -> np.ndarray | torch.Tensor:
+                   workers: int = -1, search: str = "auto") -> np.ndarray | torch.Tensor:
     """RAPiD feature rows of one LiDAR frame (Li et al., ECCV 2024, Eqs. 1-8).
 
     Args:
@@ -78,7 +79,9 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
         d_range, r_range: fix (D_min, D_max) in metres and (r_min, r_max) instead of taking them
             from the frame (see below), e.g. to make features comparable across frames.
         normalize: divide by the frame's largest 4D distance (below); False keeps metres.
-        workers: threads for the NumPy path's per-RoI kd-tree searches (-1: all cores).
+        workers: threads for the per-RoI kd-tree searches (-1: all cores).
+        search: neighbour search — "kdtree" (scipy, CPU), "cdist" (blocked exhaustive torch search,
+            any device) or "auto": kd-tree for NumPy input and CPU tensors, cdist on accelerators.
 
     Returns:
         (N, k_max) float32 of the same kind as ``coord`` (NumPy, or torch on ``coord``'s device).
@@ -119,20 +122,30 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
     """
     k = tuple(int(x) for x in k)
     ranges = tuple(float(x) for x in ranges)
-    if isinstance(coord, torch.Tensor):
-        rem = torch.as_tensor(remission, device=coord.device)
-        rois = torch.as_tensor(roi, device=coord.device)
-        km = _check(tuple(coord.shape), rem.reshape(-1).shape[0], rois.reshape(-1).shape[0], k, ranges, k_max)
-        return _rapid_torch(coord, rem.reshape(-1), rois.reshape(-1).long(), k, ranges, delta, km, origin,
-                            d_range, r_range, normalize)
-    coord = np.asarray(coord)
-    rem = np.asarray(remission).reshape(-1)
-    rois = np.asarray(roi).reshape(-1)
-    km = _check(coord.shape, rem.shape[0], rois.shape[0], k, ranges, k_max)
-    if rois.dtype.kind not in "iu":
-        raise DataFormatError(f"rapid_features: roi must be integer ids, got dtype {rois.dtype}")
-    return _rapid_numpy(coord, rem, rois.astype(np.int64), k, ranges, delta, km, origin, d_range, r_range,
-                        normalize, workers)
+    if search not in ("auto", "kdtree", "cdist"):
+        raise ConfigError(f"rapid_features: search={search!r}; expected 'auto', 'kdtree' or 'cdist'")
+    is_torch = isinstance(coord, torch.Tensor)
+    device = coord.device if is_torch else torch.device("cpu")
+    if search == "kdtree" and device.type != "cpu":
+        raise ConfigError(f"rapid_features: search='kdtree' runs on the CPU; coord is on {device}")
+    # the exhaustive search is quadratic in the RoI size: on a CPU the kd-tree wins by far
+    if search == "cdist" or (search == "auto" and device.type != "cpu"):
+        c = coord if is_torch else torch.from_numpy(np.asarray(coord))
+        r = torch.as_tensor(remission, device=device).reshape(-1)
+        g = torch.as_tensor(roi, device=device).reshape(-1)
+        km = _check(tuple(c.shape), r.shape[0], g.shape[0], k, ranges, k_max)
+        if g.dtype.is_floating_point or g.dtype == torch.bool:
+            raise DataFormatError(f"rapid_features: roi must be integer ids, got dtype {g.dtype}")
+        out = _rapid_torch(c, r, g.long(), k, ranges, delta, km, origin, d_range, r_range, normalize)
+        return out if is_torch else out.numpy()
+    as_np = (lambda a: a.detach().cpu().numpy()) if is_torch else np.asarray
+    c, r = as_np(coord), as_np(torch.as_tensor(remission) if is_torch else remission).reshape(-1)
+    g = as_np(torch.as_tensor(roi) if is_torch else roi).reshape(-1)
+    km = _check(c.shape, r.shape[0], g.shape[0], k, ranges, k_max)
+    if g.dtype.kind not in "iu":
+        raise DataFormatError(f"rapid_features: roi must be integer ids, got dtype {g.dtype}")
+    out = _rapid_numpy(c, r, g.astype(np.int64), k, ranges, delta, km, origin, d_range, r_range, normalize, workers)
+    return torch.from_numpy(out) if is_torch else out
 
 
 # --------------------------------------------------------------------------------------------- NumPy

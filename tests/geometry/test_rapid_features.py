@@ -131,14 +131,19 @@ def test_r_rapid_yaw_invariance():
     np.testing.assert_allclose(rapid_features(moved, rem, ring), base, atol=1e-5)
 
 
-def test_torch_path_matches_numpy_and_reference():
+def test_torch_cdist_path_matches_kdtree_path_and_reference():
     coord, rem, roi = cloud(500, 7, n_roi=5)
     roi[roi == 4] = np.where(np.arange((roi == 4).sum()) < 3, 4, -1)  # a 3-point RoI, and some ignored points
     want = rapid_features(coord, rem, roi)
-    got = rapid_features(torch.from_numpy(coord), torch.from_numpy(rem), torch.from_numpy(roi))
+    np.testing.assert_allclose(want, reference(coord, rem, roi), atol=1e-6)
+    args = [torch.from_numpy(a) for a in (coord, rem, roi)]
+    got = rapid_features(*args, search="cdist")  # the GPU algorithm, run on the CPU
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == (500, 10)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
-    np.testing.assert_allclose(want, reference(coord, rem, roi), atol=1e-6)
+    # CPU tensors default to the kd-tree; NumPy input can ask for the cdist search
+    auto = rapid_features(*args)
+    assert isinstance(auto, torch.Tensor) and np.array_equal(auto.numpy(), want)
+    np.testing.assert_allclose(rapid_features(coord, rem, roi, search="cdist"), want, atol=1e-5)
 
 
 def test_bad_input():
@@ -153,6 +158,10 @@ def test_bad_input():
         rapid_features(coord, rem, roi, k=(10, 7), ranges=(20.0, 35.0))
     with pytest.raises(ConfigError):
         rapid_features(coord, rem, roi, k_max=5)
+    with pytest.raises(ConfigError):
+        rapid_features(coord, rem, roi, search="faiss")
+    with pytest.raises(DataFormatError):
+        rapid_features(torch.from_numpy(coord), torch.from_numpy(rem), torch.from_numpy(roi).float())
 
 
 @pytest.mark.gpu
@@ -162,7 +171,7 @@ def test_cuda_matches_cpu():
     coord, rem, roi = cloud(20000, 9, n_roi=64, spread=50.0)
     roi[:100] = -1
     args = [torch.from_numpy(a) for a in (coord, rem, roi)]
-    want = rapid_features(*args)  # torch CPU path (no scipy needed on the GPU machine)
+    want = rapid_features(*args, search="cdist")  # the same algorithm on the CPU (no scipy needed)
     got = rapid_features(*(a.cuda() for a in args))
     assert got.device.type == "cuda" and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=1e-5)

@@ -123,6 +123,9 @@ def plot_depth_views(
     rows = 1 if sal is None else 2
     fig = new_figure((3 * CELL_INCHES, CELL_INCHES * rows))
     axes = np.atleast_2d(fig.subplots(rows, 3, squeeze=False))
+    if sal is not None:  # one saliency scale for the three views; a constant map still gets a range
+        lo, hi = float(sal.min()), float(sal.max())
+        hi = hi if hi > lo else lo + 1.0
     occupied = depth[~empty]
     vmin, vmax = (float(occupied.min()), float(occupied.max())) if occupied.size else (0.0, 1.0)
     for v, view in enumerate(view_names):
@@ -131,8 +134,7 @@ def plot_depth_views(
         axes[0, v].set_title(f"depth, {view} view", fontsize=9)
         if sal is not None:
             axes[1, v].imshow(np.where(empty[v], np.nan, 1.0), cmap="gray", vmin=0, vmax=2, interpolation="nearest")
-            heat = axes[1, v].imshow(sal[v], cmap="inferno", alpha=0.75, interpolation="nearest",
-                                     vmin=float(sal.min()), vmax=float(sal.max()) if sal.max() > sal.min() else float(sal.min()) + 1)
+            heat = axes[1, v].imshow(sal[v], cmap="inferno", alpha=0.75, interpolation="nearest", vmin=lo, vmax=hi)
             axes[1, v].set_title(f"2D saliency, {view} view", fontsize=9)
     for ax in axes.ravel():
         ax.set_axis_off()

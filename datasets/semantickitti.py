@@ -259,14 +259,16 @@ class SemanticKITTI(Dataset):
     @classmethod
     def prepare(cls, data_root: str | os.PathLike, out_root: str | os.PathLike, workers: int | None = None,
                 **feature_params: Any) -> Any:
-        """Precompute RAPiD features (Li et al., ECCV 2024) for every scan under ``data_root`` into the
-        cache ``out_root`` (``threefold prepare semantickitti --data ROOT --out CACHE``).
+        """Precompute RAPiD rows (Li et al., ECCV 2024) for every scan under ``data_root`` into the
+        cache ``out_root`` (``threefold prepare semantickitti --data ROOT --out CACHE``): R-RAPiD for every
+        scan, C-RAPiD from the ground truth for every labelled one — the caches the
+        ``semantickitti-rapidseg`` pipeline reads with ``features.cache_dir=CACHE``.
 
-        Resumable (scans already cached are skipped), in ``workers`` processes (default
-        ``min(4, cpu count)``), with a progress bar. ``feature_params`` go to
-        :func:`threefold.geometry.rapid.prepare.prepare_rapid_features`, which does the work: the RAPiD
-        definition lives in ``threefold.geometry``, a layer above this one, so it is resolved by module
-        name at call time (as the registries resolve modules) instead of being imported by ``datasets``.
+        Resumable (cached entries are skipped), in ``workers`` processes (default ``min(4, cpu count)``),
+        with a progress bar. ``feature_params`` (``n_beams, k, ranges, delta, k_max, sequences, variants``)
+        go to :func:`threefold.geometry.rapid.prepare.prepare_rapid_features`, which does the work: the
+        RAPiD definition lives in ``threefold.geometry``, a layer above this one, so it is resolved by
+        module name at call time (as the registries resolve modules) instead of imported by ``datasets``.
         """
         import importlib
 

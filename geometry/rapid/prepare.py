@@ -1,11 +1,20 @@
-"""Per-scan RAPiD feature cache for SemanticKITTI-layout data (``threefold prepare semantickitti``).
+"""Per-scan RAPiD row caches for SemanticKITTI-layout data (``threefold prepare semantickitti``).
 
-Each scan's entry holds ``r_rapid`` (N, k_max) float32 — R-RAPiD, RoI = the ring estimated from
-elevation — and, where the scan has a ``.label`` file, ``c_rapid`` (N, k_max) float32 — C-RAPiD
-with the ground-truth classes as RoIs (ignored points get zero rows), the training-time input of
-C-RAPiD-Seg (Li et al., ECCV 2024, Sec. 3.2). Entries live in a
-:class:`~threefold.datasets.cache.FeatureCache` keyed by the SHA-256 of the scan (and label) file
-contents and every feature parameter, so a changed file or setting is a miss, never a stale hit.
+Two caches (:class:`~threefold.datasets.cache.FeatureCache`) under one root, each entry
+``{"rapid": (N, k_max) float32}`` for one scan:
+
+- ``rapid-r``: R-RAPiD, RoI = the ring estimated from elevation (:func:`lidar_rings`), keyed by the
+  ``.bin`` file and the parameters ``k, ranges, delta, k_max, n_beams``;
+- ``rapid-c``: C-RAPiD with the ground-truth classes as RoIs (ignored points: zero rows), the
+  training-time input of C-RAPiD-Seg (Li et al., ECCV 2024, Sec. 3.2), keyed by the ``.bin`` and
+  ``.label`` files and ``k, ranges, delta, k_max``. Test-time C-RAPiD needs pseudo-labels from a
+  trained R-RAPiD-Seg and is computed by the pipeline, not here.
+
+These are the caches the ``semantickitti-rapidseg`` pipeline reads (``features.cache_dir=CACHE``), so a
+prepared dataset trains without recomputing. Files are identified as ``FeatureCache`` does by default
+(resolved path, size, modification time in ns): a lookup costs a ``stat``, not a read of the scan,
+and an edited file gets a new key. Parameters are canonicalised (ints, floats, k_max resolved) so the
+same setting always gives the same key.
 """
 
 from __future__ import annotations
@@ -20,102 +29,116 @@ from typing import Any
 import numpy as np
 
 from threefold.datasets.cache import FeatureCache
-from threefold.datasets.errors import MissingFileError
+from threefold.datasets.errors import ConfigError, MissingFileError
 from threefold.datasets.semantickitti import SemanticKITTI, lidar_rings, list_scans, read_labels, read_scan
 from threefold.geometry.rapid.features import SEMANTICKITTI_K, rapid_features
 
-NAMESPACE = "rapid-features"
+R_NAMESPACE, C_NAMESPACE = "rapid-r", "rapid-c"
 
 
-def _params(n_beams: int, k: Sequence[int], ranges: Sequence[float], delta: float | None,
-            k_max: int | None) -> dict[str, Any]:
-    return {"n_beams": int(n_beams), "k": [int(x) for x in k], "ranges": [float(x) for x in ranges],
-            "delta": None if delta is None else float(delta), "k_max": None if k_max is None else int(k_max),
-            "fov_deg": [-24.8, 2.0], "version": 1}
+def _params(k: Sequence[int], ranges: Sequence[float], delta: float | None, k_max: int | None) -> dict[str, Any]:
+    ks = [int(x) for x in k]
+    return {"k": ks, "ranges": [float(x) for x in ranges], "delta": None if delta is None else float(delta),
+            "k_max": max(ks) if k_max is None else int(k_max)}
 
 
-def rapid_cache(out_root: str | os.PathLike, n_beams: int = 64, k: Sequence[int] = SEMANTICKITTI_K,
-                ranges: Sequence[float] = (20.0, 35.0), delta: float | None = 0.9,
-                k_max: int | None = None) -> FeatureCache:
-    """The content-keyed cache of RAPiD entries under ``out_root`` for these feature parameters."""
-    return FeatureCache(out_root, NAMESPACE, _params(n_beams, k, ranges, delta, k_max), key_by="content")
+def rapid_caches(cache_root: str | os.PathLike, n_beams: int = 64, k: Sequence[int] = SEMANTICKITTI_K,
+                 ranges: Sequence[float] = (20.0, 35.0), delta: float | None = 0.9,
+                 k_max: int | None = None) -> tuple[FeatureCache, FeatureCache]:
+    """The R-RAPiD and C-RAPiD caches under ``cache_root`` for these feature parameters."""
+    p = _params(k, ranges, delta, k_max)
+    return FeatureCache(cache_root, R_NAMESPACE, {**p, "n_beams": int(n_beams)}), FeatureCache(cache_root, C_NAMESPACE, p)
 
 
-def scan_rapid_features(bin_path: str | os.PathLike, label_path: str | os.PathLike | None = None, *,
-                        n_beams: int = 64, k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
-                        delta: float | None = 0.9, k_max: int | None = None, workers: int = 1) -> dict[str, np.ndarray]:
-    """RAPiD rows of one scan: ``r_rapid`` (N, k_max) float32 and, with ``label_path``, ``c_rapid``."""
-    scan = read_scan(bin_path)
-    coord, rem = scan["coord"], scan["remission"]
-    out = {"r_rapid": rapid_features(coord, rem, lidar_rings(coord, n_beams), k, ranges, delta, k_max, workers=workers)}
-    if label_path is not None:
-        cls = read_labels(label_path, coord.shape[0])
-        out["c_rapid"] = rapid_features(coord, rem, cls, k, ranges, delta, k_max, workers=workers)
-    return out
+def r_rapid_rows(cache_root: str | os.PathLike, bin_path: str | os.PathLike, *, n_beams: int = 64,
+                 k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
+                 delta: float | None = 0.9, k_max: int | None = None, workers: int = 1) -> np.ndarray:
+    """R-RAPiD rows (N, k_max) float32 of one scan, from the cache or computed and stored."""
+    cache, _ = rapid_caches(cache_root, n_beams, k, ranges, delta, k_max)
+
+    def build() -> dict[str, np.ndarray]:
+        scan = read_scan(bin_path)
+        ring = lidar_rings(scan["coord"], n_beams)
+        return {"rapid": rapid_features(scan["coord"], scan["remission"], ring, k, ranges, delta, k_max, workers=workers)}
+
+    return cache.get_or_build([bin_path], build)["rapid"]
 
 
-def cached_scan_features(cache_root: str | os.PathLike, bin_path: str | os.PathLike,
-                         label_path: str | os.PathLike | None = None, *, n_beams: int = 64,
-                         k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
-                         delta: float | None = 0.9, k_max: int | None = None, workers: int = 1) -> dict[str, np.ndarray]:
-    """The cached entry of one scan (built and stored on a miss); see :func:`scan_rapid_features`."""
-    cache = rapid_cache(cache_root, n_beams, k, ranges, delta, k_max)
-    inputs = [bin_path] if label_path is None else [bin_path, label_path]
-    return cache.get_or_build(inputs, lambda: scan_rapid_features(
-        bin_path, label_path, n_beams=n_beams, k=k, ranges=ranges, delta=delta, k_max=k_max, workers=workers))
+def c_rapid_rows(cache_root: str | os.PathLike, bin_path: str | os.PathLike, label_path: str | os.PathLike, *,
+                 k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
+                 delta: float | None = 0.9, k_max: int | None = None, workers: int = 1) -> np.ndarray:
+    """C-RAPiD rows (N, k_max) float32 of one labelled scan (ground-truth class RoIs), cached."""
+    _, cache = rapid_caches(cache_root, 64, k, ranges, delta, k_max)
+
+    def build() -> dict[str, np.ndarray]:
+        scan = read_scan(bin_path)
+        cls = read_labels(label_path, scan["coord"].shape[0])
+        return {"rapid": rapid_features(scan["coord"], scan["remission"], cls, k, ranges, delta, k_max, workers=workers)}
+
+    return cache.get_or_build([bin_path, label_path], build)["rapid"]
 
 
 def _build_one(cache_root: str, bin_path: str, label_path: str | None, params: dict[str, Any]) -> str:
-    cached_scan_features(cache_root, bin_path, label_path, **params)
+    if label_path is None:
+        r_rapid_rows(cache_root, bin_path, **params)
+    else:
+        c_params = {key: v for key, v in params.items() if key != "n_beams"}
+        c_rapid_rows(cache_root, bin_path, label_path, **c_params)
     return bin_path
 
 
 def prepare_rapid_features(data_root: str | os.PathLike, out_root: str | os.PathLike, workers: int | None = None,
-                           sequences: Sequence[str] | None = None, progress: bool = True, *, n_beams: int = 64,
-                           k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
-                           delta: float | None = 0.9, k_max: int | None = None) -> dict[str, Any]:
-    """Cache the RAPiD entry of every scan under ``data_root`` (all sequences found, or ``sequences``).
+                           sequences: Sequence[str] | None = None, variants: Sequence[str] = ("r", "c"),
+                           progress: bool = True, *, n_beams: int = 64, k: Sequence[int] = SEMANTICKITTI_K,
+                           ranges: Sequence[float] = (20.0, 35.0), delta: float | None = 0.9,
+                           k_max: int | None = None) -> dict[str, Any]:
+    """Cache R-RAPiD rows of every scan under ``data_root`` (all sequences found, or ``sequences``) and
+    C-RAPiD rows of every labelled one (``variants`` selects).
 
-    Resumable: scans whose entry exists are skipped (an interrupted run loses at most the scans in
-    flight; entries are written atomically). ``workers`` processes (default ``min(4, cpu count)``),
-    each with a single-threaded kd-tree so the processes do not oversubscribe the cores.
-    Returns ``{"cache": folder, "scans": total, "computed": n, "skipped": n}``.
+    Resumable: entries that exist are skipped (entries are written atomically, so an interrupted run
+    loses at most the scans in flight). ``workers`` processes (default ``min(4, cpu count)``), each with a
+    single-threaded kd-tree so the processes do not oversubscribe the cores. Returns
+    ``{"cache": out_root, "scans": n, "computed": entries built, "skipped": entries found}``.
     """
     from tqdm import tqdm
 
-    seq_root = Path(data_root) / "sequences"
-    if not seq_root.is_dir() and (Path(data_root) / "dataset" / "sequences").is_dir():
-        seq_root = Path(data_root) / "dataset" / "sequences"
+    if not set(variants) <= {"r", "c"} or not variants:
+        raise ConfigError(f"prepare_rapid_features: variants={tuple(variants)}; expected a subset of ('r', 'c')")
+    root = Path(data_root)
+    seq_root = next((p for p in (root / "sequences", root / "dataset" / "sequences") if p.is_dir()), None)
+    if seq_root is None:
+        raise MissingFileError(f"{root}: no SemanticKITTI 'sequences' folder (expected sequences/XX/velodyne/NNNNNN.bin)")
     if sequences is None:
-        if not seq_root.is_dir():
-            raise MissingFileError(f"{data_root}: no SemanticKITTI 'sequences' folder")
         sequences = sorted(p.name for p in seq_root.iterdir() if p.is_dir() and p.name.isdigit())
-    scans = list_scans(data_root, [f"{int(s):02d}" for s in sequences])
+    scans = list_scans(root, [f"{int(s):02d}" for s in sequences])
     if not scans:
-        raise MissingFileError(f"{data_root}: no scans (expected sequences/XX/velodyne/NNNNNN.bin)")
-    params = {"n_beams": n_beams, "k": tuple(k), "ranges": tuple(ranges), "delta": delta, "k_max": k_max}
-    cache = rapid_cache(out_root, **params)
-    todo = []
+        raise MissingFileError(f"{root}: no scans (expected sequences/XX/velodyne/NNNNNN.bin)")
+    r_cache, c_cache = rapid_caches(out_root, n_beams, k, ranges, delta, k_max)
+    jobs: list[tuple[str, str | None]] = []  # (bin, None) = R-RAPiD, (bin, label) = C-RAPiD
+    found = 0
     for _, _, path in scans:
         label = SemanticKITTI.label_path(path)
-        inputs = [path, label] if label.is_file() else [path]
-        if not cache.path(cache.key(inputs)).is_file():
-            todo.append((str(path), str(label) if label.is_file() else None))
+        wanted = ([(r_cache, [path], None)] if "r" in variants else []) + \
+                 ([(c_cache, [path, label], str(label))] if "c" in variants and label.is_file() else [])
+        for cache, inputs, lab in wanted:
+            if cache.path(cache.key(inputs)).is_file():
+                found += 1
+            else:
+                jobs.append((str(path), lab))
+    params = {"n_beams": n_beams, "k": tuple(k), "ranges": tuple(ranges), "delta": delta, "k_max": k_max}
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    bar = tqdm(total=len(todo), desc="RAPiD features", unit="scan", disable=not progress)
-    if workers == 1 or len(todo) <= 1:
-        for path, label in todo:
-            _build_one(str(out_root), path, label, params)
-            bar.update()
-    else:
-        # spawn, not fork: the parent may hold torch / OpenMP threads that a fork would copy mid-state
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_build_one, str(out_root), path, label, params) for path, label in todo]
-            for fut in as_completed(futures):
-                fut.result()
+    with tqdm(total=len(jobs), desc="RAPiD rows", unit="entry", disable=not progress) as bar:
+        if workers == 1 or len(jobs) <= 1:
+            for path, label in jobs:
+                _build_one(str(out_root), path, label, params)
                 bar.update()
-    bar.close()
-    return {"cache": cache.root, "scans": len(scans), "computed": len(todo), "skipped": len(scans) - len(todo)}
+        else:
+            # spawn, not fork: the parent may hold torch / OpenMP threads that a fork would copy mid-state
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for fut in as_completed([pool.submit(_build_one, str(out_root), p, lab, params) for p, lab in jobs]):
+                    fut.result()
+                    bar.update()
+    return {"cache": Path(out_root), "scans": len(scans), "computed": len(jobs), "skipped": found}
 
 
-__all__ = ["NAMESPACE", "cached_scan_features", "prepare_rapid_features", "rapid_cache", "scan_rapid_features"]
+__all__ = ["C_NAMESPACE", "R_NAMESPACE", "c_rapid_rows", "prepare_rapid_features", "r_rapid_rows", "rapid_caches"]

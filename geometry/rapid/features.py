@@ -271,30 +271,35 @@ def _rapid_numpy(coord, rem, roi, k, ranges, delta, k_max, origin, d_range, r_ra
 _BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 22}
 
 
-def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`_knn_numpy`, by exhaustive blocked search inside each RoI.
+_FAR = 1.0e7  # metres: where padded slots of a RoI batch sit, beyond any real neighbour
 
-    Points are sorted by RoI; RoIs of similar size (within a factor 2) are padded into one batch
-    (B, L, 3) so a whole scan's 64 rings take a handful of batched ``cdist`` + ``topk`` calls."""
+
+def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sel`` (M,): the points with roi >= 0; indices into ``sel`` (M, kq) and 3D distances (M, kq) of
+    their kq nearest same-RoI neighbours, self excluded, nearest first; missing → -1, inf.
+
+    Exhaustive blocked search: points are sorted by RoI and RoIs of similar size (within a factor 1.5)
+    are padded into one batch (B, L, 3), padded slots placed far away, so a scan's 64 rings take about
+    seven batched ``cdist`` + ``topk`` calls."""
     dev = coord.device
     sel = torch.nonzero(roi >= 0).squeeze(1)
     m = sel.numel()
     g = roi[sel]
     order = torch.argsort(g, stable=True)
-    ids, counts = torch.unique_consecutive(g[order], return_counts=True)
+    _, counts = torch.unique_consecutive(g[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     counts_l, starts_l = counts.tolist(), starts.tolist()
     x = coord[sel][order].float()
     idx_out = torch.full((m, kq), -1, dtype=torch.long, device=dev)
     dist_out = torch.full((m, kq), float("inf"), dtype=torch.float32, device=dev)
-    # buckets of RoIs, largest first; a RoI joins the bucket while padding wastes at most 2x
-    by_size = sorted(range(len(counts_l)), key=lambda r: -counts_l[r])
+    # buckets of RoIs, largest first; a RoI joins the bucket while padding wastes at most 1.5x per row
     buckets: list[list[int]] = []
-    for r in by_size:
-        if buckets and counts_l[r] * 2 >= counts_l[buckets[-1][0]]:
+    for r in sorted(range(len(counts_l)), key=lambda r: -counts_l[r]):
+        if buckets and counts_l[r] * 1.5 >= counts_l[buckets[-1][0]]:
             buckets[-1].append(r)
         else:
             buckets.append([r])
+    block = _BLOCK_ELEMENTS.get(dev.type, 1 << 22)
     for bucket in buckets:
         length = counts_l[bucket[0]]
         if length < 2:
@@ -305,25 +310,23 @@ def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.T
         pos = torch.arange(length, device=dev)
         inside = pos[None, :] < ln[:, None]  # (b, L)
         gather = torch.where(inside, st[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
-        pts = x[gather]  # (b, L, 3); padded slots hold a copy of point 0 and are masked below
+        pts = torch.where(inside[..., None], x[gather], torch.full((), _FAR, device=dev))  # (b, L, 3)
         kk = min(kq, length - 1)
-        chunk = max(1, _BLOCK_ELEMENTS.get(dev.type, 1 << 22) // max(1, b * length))
+        dv = torch.empty((b, length, kk), device=dev)
+        di = torch.empty((b, length, kk), dtype=torch.long, device=dev)
+        chunk = max(1, block // (b * length))
         for q0 in range(0, length, chunk):
             q1 = min(length, q0 + chunk)
             dmat = torch.cdist(pts[:, q0:q1], pts, compute_mode="donot_use_mm_for_euclid_dist")  # (b, q, L)
-            dmat.masked_fill_(~inside[:, None, :], float("inf"))
             qi = torch.arange(q0, q1, device=dev)
             dmat[:, qi - q0, qi] = float("inf")  # self, by index
-            dv, di = torch.topk(dmat, kk, dim=2, largest=False, sorted=True)
-            qin = inside[:, q0:q1]  # real query rows
-            rows = gather[:, q0:q1][qin]  # their positions in the sorted order
-            dv, di = dv[qin], di[qin]
-            bi = torch.arange(b, device=dev)[:, None, None].expand(b, q1 - q0, kk)[qin]
-            nb = gather[bi, di]
-            ok = torch.isfinite(dv)
-            idx_out[rows, :kk] = torch.where(ok, nb, torch.full_like(nb, -1))
-            dist_out[rows, :kk] = dv
-    # back from RoI-sorted order to the order of `sel`
+            dv[:, q0:q1], di[:, q0:q1] = torch.topk(dmat, kk, dim=2, largest=False, sorted=True)
+        rows = gather[inside]  # positions in the sorted order of the real query rows
+        dvr = dv[inside]
+        nb = torch.gather(gather, 1, di.reshape(b, -1)).reshape(b, length, kk)[inside]
+        ok = dvr < 0.5 * _FAR  # a padded slot was among the k nearest: the RoI has fewer than k + 1 points
+        idx_out[rows, :kk] = torch.where(ok, nb, torch.full_like(nb, -1))
+        dist_out[rows, :kk] = torch.where(ok, dvr, torch.full_like(dvr, float("inf")))
     # sorted position p holds sel-position order[p]
     inv = torch.empty_like(order)
     inv[order] = torch.arange(m, device=dev)

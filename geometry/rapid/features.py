@@ -243,7 +243,10 @@ def _rows_numpy(d: np.ndarray, dr: np.ndarray, k_pt: np.ndarray, delta: float | 
     return out
 
 
-def _rapid_numpy(coord, rem, roi, k, ranges, delta, k_max, origin, d_range, r_range, normalize, workers):
+def _rapid_numpy(coord: np.ndarray, rem: np.ndarray, roi: np.ndarray, k: tuple[int, ...], ranges: tuple[float, ...],
+                 delta: float | None, k_max: int, origin: Sequence[float] | None,
+                 d_range: tuple[float, float] | None, r_range: tuple[float, float] | None, normalize: bool,
+                 workers: int) -> np.ndarray:
     n = coord.shape[0]
     out = np.zeros((n, k_max), dtype=np.float32)
     sel = np.flatnonzero(roi >= 0)
@@ -334,7 +337,10 @@ def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.T
     return sel, idx_out[inv], dist_out[inv]
 
 
-def _rapid_torch(coord, rem, roi, k, ranges, delta, k_max, origin, d_range, r_range, normalize):
+def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: tuple[int, ...],
+                 ranges: tuple[float, ...], delta: float | None, k_max: int, origin: Sequence[float] | None,
+                 d_range: tuple[float, float] | None, r_range: tuple[float, float] | None,
+                 normalize: bool) -> torch.Tensor:
     dev = coord.device
     n = coord.shape[0]
     out = torch.zeros((n, k_max), dtype=torch.float32, device=dev)

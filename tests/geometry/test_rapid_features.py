@@ -79,17 +79,15 @@ def test_options_match_reference():
 
 
 def test_range_aware_k():
-    # one RoI along a line: points at 10 m, 25 m and 50 m from the sensor, 20 neighbours each
-    pts = []
-    for r in (10.0, 25.0, 50.0):
-        pts += [[r, 0.01 * i, 0.0] for i in range(21)]
-    coord = np.array(pts, np.float32)
+    # one RoI per range: end points at exactly 10, 20, 35 and 50 m from the sensor, 20 neighbours each
+    # along y; the bands are half-open, R < 20 | 20 <= R < 35 | R >= 35
+    dists, ks = (10.0, 20.0, 35.0, 50.0), (10, 7, 5, 5)
+    coord = np.array([[r, 0.01 * i, 0.0] for r in dists for i in range(21)], np.float32)
     rem = np.zeros(len(coord), np.float32)
-    roi = np.array([0] * 21 + [1] * 21 + [2] * 21)
+    roi = np.repeat(np.arange(len(dists)), 21)
     g = rapid_features(coord, rem, roi, delta=None)
-    # the number of distinct (unpadded) steps in a row is k: 10 close, 7 mid, 5 far
-    for block, kj in zip(range(3), (10, 7, 5)):
-        row = g[block * 21]  # an end point: neighbours at 0.01, 0.02, ... , kj * 0.01
+    for block, kj in enumerate(ks):
+        row = g[block * 21]  # the end point: neighbours at 0.01, 0.02, ..., kj * 0.01
         np.testing.assert_allclose(row[:kj] / row[0], np.arange(1, kj + 1), rtol=1e-4)
         assert np.all(row[kj:] == row[kj - 1])
 

@@ -18,6 +18,7 @@ OpenAI key names (``visual.conv1.weight``, ``visual.transformer.resblocks.N...``
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -178,20 +179,26 @@ def _timm_to_clip(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     return out
 
 
+def _is_torchscript(path: Path) -> bool:
+    # A TorchScript archive is a zip holding <name>/constants.pkl and <name>/code/; a state dict saved by
+    # torch.save is a zip without them.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
 def _read_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return require("safetensors.torch", extra="points").load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... for non-pickles
-        # OpenAI's original ViT-B-16.pt is a TorchScript archive, not a pickled state dict.
-        try:
+        if _is_torchscript(path):  # OpenAI's original ViT-B-16.pt: a TorchScript archive of the whole CLIP
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as exc:  # noqa: BLE001
-            raise DataFormatError(f"{path}: neither a torch state dict, a safetensors file nor a TorchScript archive "
-                                  f"({exc})") from exc
-    if isinstance(state, torch.jit.ScriptModule):  # torch.load may itself dispatch a TorchScript archive
-        state = state.state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... on bad files
+        raise DataFormatError(f"{path}: neither a torch state dict, a safetensors file nor a TorchScript archive "
+                              f"({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -73,6 +73,7 @@ def test_open_clip_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(quick(images)[0], t(images)[0])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_openai_torchscript_archive(tmp_path):
     """OpenAI distributes ViT-B-16.pt as a TorchScript archive of the whole CLIP model (``visual.*``)."""
     src = random_teacher(seed=4, width=64, layers=1, heads=1, output_dim=8)

@@ -108,14 +108,14 @@ def plot_molecule_grid(
         if image is not None:
             ax.imshow(image)
         else:
-            ax.text(0.5, 0.5, "incomplete" if len(z) == 0 else "no depiction", ha="center", va="center",
+            ax.text(0.5, 0.5, "no atoms" if len(z) == 0 else "no depiction", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8)
         if smiles is not None:
             valid += 1
             label = smiles if len(smiles) <= 32 else smiles[:29] + "..."
             _frame(ax, VALID_COLOUR, f"{names[i]}: valid\n{label}")
         else:
-            _frame(ax, INVALID_COLOUR, f"{names[i]}: invalid\n{len(z)} atoms")
+            _frame(ax, INVALID_COLOUR, f"{names[i]}: " + (f"invalid\n{len(z)} atoms" if len(z) else "invalid\nincomplete sample"))
     for ax in axes[len(mols):]:
         ax.set_visible(False)
     caption = caption or (f"{len(mols)} generated molecules, RDKit 2D depictions: {valid} valid (green, with their "

@@ -530,10 +530,14 @@ class _FinetunePipeline(Pipeline):
             return paths
         _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
         predictor = self.load(cfg, ckpt)
+        # the whole test split goes through FPS and the encoder again: on the run's GPU when it had one
+        device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+                              else "cpu")
+        predictor.module.to(device)
         preds, targets = [], []
         for start in range(0, len(test), max(1, cfg.trainer.batch_size)):
             batch = collate_objects([test[i] for i in range(start, min(len(test), start + cfg.trainer.batch_size))])
-            preds.append(predictor.predict(batch["coord"]))
+            preds.append(predictor.predict(batch["coord"].to(device)).cpu())
             targets.append(batch["category"])
         what = f"{self.name}, final checkpoint"
         return paths + per_class_figures(figures_dir(run_dir), torch.cat(preds).numpy(), torch.cat(targets).numpy(),

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-pytest.importorskip("h5py")
 
 from threefold.datasets.errors import ConfigError, DataFormatError  # noqa: E402
 from threefold.pipelines.figures import png_caption  # noqa: E402
@@ -119,6 +118,7 @@ def caption_numbers(path: Path) -> tuple[float, float]:
 
 
 def test_pointmae_pipelines_write_their_figures(tmp_path, monkeypatch):
+    pytest.importorskip("h5py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     pre = run("shapenet-pointmae-pretrain", "model.decoder_depth=1", "model.decoder_heads=2", "trainer.max_epochs=2",

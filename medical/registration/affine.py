@@ -198,3 +198,27 @@ def rotation_angle_deg(matrix: np.ndarray) -> float:
     u, _, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64)[:3, :3])
     r = u @ vt
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+class AffinePrealign:
+    """Pair transform (protocol of :mod:`threefold.datasets.registration_transforms`) that estimates
+    the pre-alignment with :func:`register_affine` and stores it as ``pair["prealign"]`` (4, 4)
+    float64, fixed world → moving world (mm). Brain masks in the pair restrict the metric.
+
+    Put it first in the chain (before ``ResampleToGrid``), on the raw pair in original geometry.
+    """
+
+    def __init__(self, transform: str = "rigid", **options: Any) -> None:
+        if transform not in TRANSFORMS:
+            raise ConfigError(f"AffinePrealign: transform {transform!r}; expected one of {TRANSFORMS}")
+        self.transform, self.options = transform, options
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in sorted(self.options.items()))
+        return f"AffinePrealign(transform={self.transform!r}{opts})"
+
+    def __call__(self, pair: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        result = register_affine(pair["moving"], pair["moving_affine"], pair["fixed"], pair["fixed_affine"],
+                                 self.transform, moving_mask=pair.get("moving_mask"),
+                                 fixed_mask=pair.get("fixed_mask"), **self.options)
+        return {**pair, "prealign": torch.from_numpy(result.matrix)}

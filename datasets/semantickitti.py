@@ -256,24 +256,6 @@ class SemanticKITTI(Dataset):
             item["label"] = torch.from_numpy(read_labels(self.label_path(path), coord.shape[0]))
         return item
 
-    @classmethod
-    def prepare(cls, data_root: str | os.PathLike, out_root: str | os.PathLike, workers: int | None = None,
-                **feature_params: Any) -> Any:
-        """Precompute RAPiD rows (Li et al., ECCV 2024) for every scan under ``data_root`` into the
-        cache ``out_root`` (``threefold prepare semantickitti --data ROOT --out CACHE``): R-RAPiD for every
-        scan, C-RAPiD from the ground truth for every labelled one — the caches the
-        ``semantickitti-rapidseg`` pipeline reads with ``features.cache_dir=CACHE``.
-
-        Resumable (cached entries are skipped), in ``workers`` processes (default ``min(4, cpu count)``),
-        with a progress bar. ``feature_params`` (``n_beams, k, ranges, delta, k_max, sequences, variants``)
-        go to :func:`threefold.geometry.rapid.prepare.prepare_rapid_features`, which does the work: the
-        RAPiD definition lives in ``threefold.geometry``, a layer above this one, so it is resolved by
-        module name at call time (as the registries resolve modules) instead of imported by ``datasets``.
-        """
-        import importlib
-
-        prepare_mod = importlib.import_module("threefold.geometry.rapid.prepare")
-        return prepare_mod.prepare_rapid_features(data_root, out_root, workers=workers, **feature_params)
 
 
 __all__ = [

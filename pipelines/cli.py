@@ -237,14 +237,25 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `threefold prepare DATASET`: the function that fills a cache folder from a raw dataset root. These
+#: steps compute features with code above `datasets` (RAPiD rows live in `geometry`), so this layer
+#: names them rather than the dataset classes.
+PREPARE_STEPS: dict[str, tuple[str, str]] = {
+    "semantickitti": ("threefold.geometry.rapid.prepare", "prepare_rapid_features"),
+}
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    import importlib
+
     from threefold.datasets.registry import get_dataset
 
-    entry = get_dataset(args.dataset)
-    prepare = getattr(entry.cls, "prepare", None)
-    if prepare is None:
-        raise ConfigError(f"dataset {args.dataset!r} reads its raw files directly and needs no `prepare` step")
-    prepare(args.data, args.out)
+    get_dataset(args.dataset)  # an unknown name fails with the list of datasets
+    if args.dataset not in PREPARE_STEPS:
+        raise ConfigError(f"dataset {args.dataset!r} reads its raw files directly and needs no `prepare` step "
+                          f"(datasets with one: {', '.join(sorted(PREPARE_STEPS))})")
+    module, function = PREPARE_STEPS[args.dataset]
+    getattr(importlib.import_module(module), function)(args.data, args.out)
     return 0
 
 

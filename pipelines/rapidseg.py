@@ -12,8 +12,9 @@ Protocol: train on the train split (00-07, 09, 10; the sequences present), evalu
 ``run_dir/predictions/sequences/XX/predictions/NNNNNN.label``.
 
 - RAPiD rows per scan (R-RAPiD: ring RoIs from elevation; C-RAPiD: ground-truth class RoIs) are
-  computed once and cached on disk with :class:`~threefold.datasets.cache.FeatureCache` (keyed by the
-  scan file and the feature parameters; ``features.cache_dir``, default ``run_dir/cache``). RAPiD is
+  computed once and cached on disk (:class:`~threefold.datasets.cache.FeatureCache`, keyed by the
+  scan file and the feature parameters; ``features.cache_dir``, default ``run_dir/cache``; the caches
+  of ``threefold prepare semantickitti --out CACHE`` are used as they are). RAPiD is
   invariant to rigid motions, so the rows are computed on the raw scan and kept through the
   augmentations.
 - Augmentations (training): rotation about z, scaling, x/y flips, clipped jitter
@@ -45,7 +46,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from threefold.datasets.cache import FeatureCache
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
 from threefold.datasets.semantickitti import (
     SEMANTICKITTI_CLASSES,
@@ -163,10 +163,6 @@ class RapidSegConfig(RunConfig):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _feature_params(f: FeatureConfig) -> dict[str, Any]:
-    return {"k": list(f.k), "ranges": list(f.ranges), "delta": f.delta, "k_max": f.k_max}
-
-
 def compute_rapid(coord: np.ndarray, remission: np.ndarray, roi: np.ndarray, f: FeatureConfig) -> np.ndarray:
     """RAPiD rows ``(N, k_max)`` float32 of one scan for RoIs ``roi (N,)``."""
     from threefold.geometry.rapid.features import rapid_features
@@ -176,27 +172,23 @@ def compute_rapid(coord: np.ndarray, remission: np.ndarray, roi: np.ndarray, f: 
 
 
 class RapidRows:
-    """Per-scan R-RAPiD (and C-RAPiD) rows, computed once and kept in a :class:`FeatureCache`."""
+    """Per-scan R-RAPiD (and ground-truth C-RAPiD) rows from the caches of
+    :mod:`threefold.geometry.rapid.prepare` under ``cache_root`` (the ones ``threefold prepare
+    semantickitti`` fills), computed and stored on a miss."""
 
     def __init__(self, cfg: FeatureConfig, cache_root: Path) -> None:
-        self.cfg = cfg
-        params = _feature_params(cfg)
-        self.r_cache = FeatureCache(cache_root, "rapid-r", {**params, "n_beams": cfg.n_beams})
-        self.c_cache = FeatureCache(cache_root, "rapid-c", params)
+        self.cfg, self.root = cfg, cache_root
+        self.params = dict(k=tuple(cfg.k), ranges=tuple(cfg.ranges), delta=cfg.delta, k_max=cfg.k_max, workers=-1)
 
     def r_rows(self, item: dict[str, Any]) -> np.ndarray:
-        def build() -> dict[str, np.ndarray]:
-            coord = item["coord"].numpy()
-            ring = np.asarray(lidar_rings(coord, self.cfg.n_beams))
-            return {"rapid": compute_rapid(coord, item["remission"].numpy(), ring, self.cfg)}
+        from threefold.geometry.rapid.prepare import r_rapid_rows
 
-        return self.r_cache.get_or_build([item["path"]], build)["rapid"]
+        return r_rapid_rows(self.root, item["path"], n_beams=self.cfg.n_beams, **self.params)
 
     def c_rows(self, item: dict[str, Any], label_path: Path) -> np.ndarray:
-        def build() -> dict[str, np.ndarray]:
-            return {"rapid": compute_rapid(item["coord"].numpy(), item["remission"].numpy(), item["label"].numpy(), self.cfg)}
+        from threefold.geometry.rapid.prepare import c_rapid_rows
 
-        return self.c_cache.get_or_build([item["path"], label_path], build)["rapid"]
+        return c_rapid_rows(self.root, item["path"], label_path, **self.params)
 
 
 def _augmentation(a: AugmentConfig) -> Compose:

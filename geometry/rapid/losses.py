@@ -22,10 +22,13 @@ IGNORE_INDEX = -1
 
 def _lovasz_grad(fg_sorted: Tensor) -> Tensor:
     """Gradient of the Lovász extension of the Jaccard loss at the sorted errors (Berman et al., Alg. 1)."""
-    gts = fg_sorted.sum()
-    intersection = gts - fg_sorted.cumsum(0)
-    union = gts + (1.0 - fg_sorted).cumsum(0)
-    jaccard = 1.0 - intersection / union
+    # integer cumulative sums: exact, and deterministic on CUDA (a float cumsum raises under
+    # torch.use_deterministic_algorithms, which Lightning's deterministic=True turns on)
+    fg = fg_sorted.long()
+    gts = fg.sum()
+    intersection = gts - fg.cumsum(0)
+    union = gts + (1 - fg).cumsum(0)
+    jaccard = 1.0 - intersection.to(fg_sorted.dtype) / union.to(fg_sorted.dtype)
     return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
 
 
@@ -57,6 +60,22 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, classes: str = "present") -> T
     return torch.stack(losses).mean() if losses else probs.sum() * 0.0
 
 
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, class_weights: Tensor | None = None) -> Tensor:
+    """``Σ_i w_{y_i} · (−log softmax(logits_i)[y_i]) / Σ_i w_{y_i}`` over the labelled points — the value
+    of ``F.cross_entropy(weight=w, ignore_index=-1)``, written with ``gather`` because CUDA's NLL loss
+    has no deterministic implementation (it raises under ``torch.use_deterministic_algorithms``).
+    0 when no point is labelled."""
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    y = labels[keep]
+    nll = -torch.log_softmax(logits[keep].to(torch.promote_types(logits.dtype, torch.float32)), 1).gather(1, y[:, None]).squeeze(1)
+    if class_weights is None:
+        return nll.mean()
+    w = class_weights.to(nll)[y]
+    return (w * nll).sum() / w.sum()
+
+
 def segmentation_loss(logits: Tensor, labels: Tensor, class_weights: Tensor | None = None,
                       lovasz_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted cross-entropy + ``lovasz_weight`` · Lovász-softmax.
@@ -66,8 +85,7 @@ def segmentation_loss(logits: Tensor, labels: Tensor, class_weights: Tensor | No
 
     Returns: the total loss and its parts ``{"ce", "lovasz"}``.
     """
-    ce = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=IGNORE_INDEX) \
-        if bool((labels != IGNORE_INDEX).any()) else logits.sum() * 0.0
+    ce = weighted_cross_entropy(logits, labels, class_weights)
     lov = lovasz_softmax(logits.float().softmax(1), labels) if lovasz_weight > 0 else logits.sum() * 0.0
     return ce + lovasz_weight * lov, {"ce": ce.detach(), "lovasz": lov.detach()}
 

@@ -10,7 +10,9 @@ import torch
 from sklearn.metrics import jaccard_score
 
 from threefold.geometry.rapid.autoencoder import voxel_majority_label
-from threefold.geometry.rapid.losses import class_aware_contrastive, lovasz_softmax, segmentation_loss
+import torch.nn.functional as F
+
+from threefold.geometry.rapid.losses import class_aware_contrastive, lovasz_softmax, segmentation_loss, weighted_cross_entropy
 
 
 def _jaccard_loss_of_set(mispredicted: np.ndarray, fg: np.ndarray) -> float:
@@ -71,6 +73,17 @@ def test_segmentation_loss_gradients_and_ignore():
     assert logits.grad[:10].abs().sum() == 0  # ignored points get no gradient
     empty, _ = segmentation_loss(logits, torch.full((50,), -1))
     assert float(empty.detach()) == 0.0
+
+
+def test_weighted_cross_entropy_matches_torch():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(80, 19, generator=g, dtype=torch.float64)
+    labels = torch.randint(-1, 19, (80,), generator=g)
+    w = torch.rand(19, generator=g, dtype=torch.float64) + 0.1
+    ref = F.cross_entropy(logits, labels, weight=w, ignore_index=-1)
+    torch.testing.assert_close(weighted_cross_entropy(logits, labels, w).double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weighted_cross_entropy(logits, labels).double(), F.cross_entropy(logits, labels, ignore_index=-1),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_class_aware_contrastive_matches_loop():

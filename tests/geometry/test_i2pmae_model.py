@@ -220,10 +220,17 @@ def test_classifier_loads_the_pretrained_encoder_and_svm_features():
         I2PMAEClassifier(5, pooling="avg", **TINY)
 
 
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 on the GPU (cuDNN allows TF32 by default: the teacher's patch convolution) for the CPU comparison."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.gpu
-def test_cuda_forward_matches_cpu(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the teacher's patch conv: exact fp32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_cuda_forward_matches_cpu(no_tf32):
     torch.manual_seed(0)
     model = I2PMAE(tiny_teacher(), **TINY).eval()
     pts = torch.rand(2, 256, 3)

@@ -36,6 +36,7 @@ from threefold.geometry.i2pmae.encoder import (
     Scale,
     centre_mlp,
     hierarchical_groups,
+    pack_visible,
 )
 from threefold.geometry.i2pmae.masking import center_saliency, guided_mask, propagate_mask
 from threefold.geometry.i2pmae.projection import VIEW_AXES, project_views, sample_view_map, view_coordinates
@@ -48,7 +49,8 @@ class I2PMAE(nn.Module):
     """Pretraining model. ``forward(points (B, N, 3), generator)`` -> dict with ``loss``, ``loss_3d``,
     ``loss_2d`` (scalars), ``masks`` (one (B, G_s) bool per scale, True = masked), ``scales``
     (:class:`Scale` list), ``pred_3d`` / ``target_3d`` ``(M, k, 3)`` over the masked target-scale
-    tokens of the batch (row-major), ``saliency (B, G_top)``."""
+    tokens of the batch (row-major), ``pred_2d`` / ``target_2d`` ``(V, k, 3·C)`` over the visible
+    ones (views concatenated: xyz, zxy, yzx), ``saliency (B, G_top)``."""
 
     def __init__(self, teacher: Teacher2D, num_groups: Sequence[int] = (512, 256, 64),
                  group_sizes: Sequence[int] = (16, 8, 8), dims: Sequence[int] = (96, 192, 384),
@@ -75,7 +77,8 @@ class I2PMAE(nn.Module):
         for m in self.decoder.modules():  # the reference's Decoder_Block initialisation
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.decoder_pos_embeds = nn.ModuleList(centre_mlp(d) for d in dec_dims)
         self.propagation = nn.ModuleList(
             FeaturePropagation(dec_dims[i] + dec_dims[i - 1], dec_dims[i], decoder_up_blocks[i - 1])
@@ -146,15 +149,19 @@ class I2PMAE(nn.Module):
         target_3d = scales[t].neighborhood[mask_t]
         loss_3d = patch_chamfer_l2(pred_3d, target_3d)
 
-        # 2D targets: teacher features at each visible token's members, in every view.
-        members = scales[t].neighborhood_abs.reshape(b, -1, 3)  # (B, G_t·k, 3)
-        target_2d = torch.cat([sample_view_map(feats[v], view_coordinates(members, v), geoms[v])
-                               for v in range(len(geoms))], -1).reshape(b, -1, k, len(geoms) * self.feature_dim)
+        # 2D targets: teacher features at each visible token's members, in every view. Only visible tokens'
+        # members are sampled (packed per cloud, as the views' geometry is per cloud).
         vis_t = ~mask_t
-        pred_2d = self.rec_head_2d(x[vis_t]).reshape(-1, k, len(geoms) * self.feature_dim)
-        loss_2d = nn.functional.mse_loss(pred_2d.float(), target_2d[vis_t].float())
+        order, valid = pack_visible(vis_t)
+        members = index_points(scales[t].neighborhood_abs.reshape(b, -1, k * 3), order).reshape(b, -1, 3)
+        c3 = len(geoms) * self.feature_dim
+        target_2d = torch.cat([sample_view_map(feats[v], view_coordinates(members, v), geoms[v])
+                               for v in range(len(geoms))], -1).reshape(b, -1, k, c3)[valid]
+        pred_2d = self.rec_head_2d(x[vis_t]).reshape(-1, k, c3)
+        loss_2d = nn.functional.mse_loss(pred_2d.float(), target_2d.float())
         return {"loss": loss_3d + loss_2d, "loss_3d": loss_3d, "loss_2d": loss_2d, "masks": masks,
-                "scales": scales, "pred_3d": pred_3d, "target_3d": target_3d, "saliency": saliency}
+                "scales": scales, "pred_3d": pred_3d, "target_3d": target_3d, "pred_2d": pred_2d,
+                "target_2d": target_2d, "saliency": saliency}
 
 
 def nearest_visible_members(scale: Scale, mask: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from threefold.geometry.i2pmae import (
     random_teacher,
 )
 from threefold.geometry.i2pmae.encoder import pack_visible, three_nn_interpolate
+from threefold.geometry.i2pmae.projection import project_views, sample_view_map
 from threefold.geometry.pointmae import count_parameters, patch_chamfer_l2
 
 TINY = dict(num_groups=(32, 16, 4), group_sizes=(8, 4, 4), dims=(16, 24, 32), depths=(1, 1, 1), heads=2,
@@ -155,6 +156,20 @@ def test_forward_masks_targets_and_gradients():
     assert out["pred_3d"].shape == (m, 4, 3) and torch.equal(out["target_3d"], scales[1].neighborhood[masks[1]])
     torch.testing.assert_close(out["loss_3d"], patch_chamfer_l2(out["pred_3d"], out["target_3d"]))
     torch.testing.assert_close(out["loss"], out["loss_3d"] + out["loss_2d"])
+    # 2D targets: each visible middle-scale token's 4 members read in the 3 views of its own cloud.
+    images, geoms = project_views(pts)
+    feats, _ = model.teacher(images.flatten(0, 1))
+    feats = feats.reshape(3, 3, *feats.shape[1:])
+    rows = []
+    for b in range(3):
+        for g in torch.nonzero(~masks[1][b]).flatten().tolist():
+            members = scales[1].neighborhood_abs[b, g]  # (4, 3)
+            rows.append(torch.cat([
+                sample_view_map(feats[v, b:b + 1], members[None][..., list(axes)],
+                                type(geoms[v])(geoms[v].origin[b:b + 1], geoms[v].grid[b:b + 1], geoms[v].offset[b:b + 1]))[0]
+                for v, axes in enumerate([(0, 1, 2), (2, 0, 1), (1, 2, 0)])], -1))
+    torch.testing.assert_close(out["target_2d"], torch.stack(rows))
+    torch.testing.assert_close(out["loss_2d"], ((out["pred_2d"] - out["target_2d"]) ** 2).mean())
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == [] and not any(k.startswith("_teacher") or "teacher" in k for k in model.state_dict())

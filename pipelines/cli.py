@@ -8,6 +8,7 @@
     threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
     threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
     threefold tokenize --input FILE --out tokens.json [--decode]
+    threefold register --moving M --fixed F --out DIR [--checkpoint CKPT | --method bspline|demons]
     threefold report RUN_DIR              (regenerates figures/ and report.md / report.html of a run)
 
 Exit codes: 0 success, 2 usage error, 1 runtime error (one line naming the problem; the full
@@ -82,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--decode", action="store_true", help="tokens JSON -> .xyz / .cif / .pdb")
+
+    p = sub.add_parser("register", help="register two NIfTI brain volumes (affine + deformable), outputs in the fixed geometry")
+    p.add_argument("--moving", type=Path, required=True, help="moving volume, e.g. T1w (.nii / .nii.gz)")
+    p.add_argument("--fixed", type=Path, required=True, help="fixed volume, e.g. mean b0 (.nii / .nii.gz)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", type=Path, help="weights of an hcp-nestedmorph / hcp-voxelmorph run (default: classical)")
+    p.add_argument("--method", default="bspline", choices=["bspline", "demons", "classical"],
+                   help="classical deformable step without --checkpoint (classical = bspline)")
+    p.add_argument("--size", type=int, default=64, help="training grid, voxels per axis (multiple of 32)")
+    p.add_argument("--prealign", default="rigid", choices=["rigid", "affine", "none"])
+    p.add_argument("--moving-mask", type=Path)
+    p.add_argument("--fixed-mask", type=Path)
+    p.add_argument("--iterations", type=int, help="classical optimiser iterations")
 
     p = sub.add_parser("prepare", help="preprocess a dataset into a cache folder")
     p.add_argument("dataset")
@@ -245,6 +259,20 @@ PREPARE_STEPS: dict[str, tuple[str, str]] = {
 }
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from threefold.pipelines.register import register_files
+
+    if args.checkpoint is not None and args.method != "bspline":
+        raise _UsageError("threefold register: --checkpoint and --method are exclusive")
+    metrics = register_files(args.moving, args.fixed, args.out, checkpoint=args.checkpoint,
+                             method="bspline" if args.method == "classical" else args.method, size=args.size,
+                             prealign=args.prealign, moving_mask=args.moving_mask, fixed_mask=args.fixed_mask,
+                             iterations=args.iterations)
+    _print_summary({k: v for k, v in metrics.items() if "/" in k or k in ("method", "seconds")})
+    print(f"written to {args.out}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import importlib
 
@@ -297,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return doctor()
         return {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "prepare": _cmd_prepare,
-                "report": _cmd_report, "tokenize": _cmd_tokenize}[args.command](args)
+                "report": _cmd_report, "tokenize": _cmd_tokenize, "register": _cmd_register}[args.command](args)
     except _UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
         return 2

@@ -268,7 +268,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
                              method="bspline" if args.method == "classical" else args.method, size=args.size,
                              prealign=args.prealign, moving_mask=args.moving_mask, fixed_mask=args.fixed_mask,
                              iterations=args.iterations)
-    _print_summary({k: v for k, v in metrics.items() if "/" in k or k in ("method", "seconds")})
+    _print_summary(metrics)
     print(f"written to {args.out}")
     return 0
 

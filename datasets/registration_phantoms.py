@@ -17,9 +17,11 @@ normalised to [0, 1].
 
 Ground-truth deformation: a stationary velocity field of white noise smoothed by a Gaussian of
 ``size / 8`` voxels and tapered smoothly to 0 over the outer ``size / 8`` voxels (background),
-integrated by scaling and squaring (7 steps), hence diffeomorphic by construction; its overall scale is set so that the largest displacement has length
-``max_displacement_vox`` voxels (4 by default: 4 mm at the 64³, 1 mm grid; typical displacements
-average about a quarter of the largest). With the MONAI ``Warp`` convention (see
+integrated by scaling and squaring (7 steps), hence diffeomorphic by construction; its overall
+scale is set so that the largest displacement has length ``max_displacement_vox`` voxels (4 by
+default: 4 mm at the 64³, 1 mm grid). Over six 64³ pairs: mean displacement over brain voxels
+1.27–1.62 voxels, Jacobian determinant 0.47–1.97, white-matter Dice between the unregistered label
+maps 0.93–0.94. With the MONAI ``Warp`` convention (see
 :mod:`threefold.medical.registration.warp`)::
 
     fixed_label == warp(moving_label, ddf_true, mode="nearest")     # exactly, every voxel

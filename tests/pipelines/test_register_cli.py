@@ -105,9 +105,20 @@ def test_register_with_a_checkpoint(pair, tmp_path):
                    device="cpu")
     saved = _check_outputs(tmp_path / "o", pair)
     assert saved["method"].startswith("checkpoint:") and saved["grid_size"] == [32, 32, 32]
+    # a Lightning checkpoint: the config in its hyper-parameters, the weights under "net."
+    from threefold.pipelines.config import config_to_dict
+
+    state = {f"net.{k}": v for k, v in build_network(cfg).state_dict().items()}
+    torch.save({"hyper_parameters": {"config": config_to_dict(cfg)}, "state_dict": state}, tmp_path / "last.ckpt")
+    register_files(pair["moving"], pair["fixed"], tmp_path / "o3", checkpoint=tmp_path / "last.ckpt", prealign="none",
+                   device="cpu")
+    _check_outputs(tmp_path / "o3", pair)
     (run / "config.yaml").unlink()
     with pytest.raises(MissingFileError, match="config.yaml"):
         register_files(pair["moving"], pair["fixed"], tmp_path / "o2", checkpoint=run / "model.pt")
+    torch.save({"state_dict": state}, tmp_path / "bare.ckpt")
+    with pytest.raises(DataFormatError, match="without the registration config"):
+        register_files(pair["moving"], pair["fixed"], tmp_path / "o2", checkpoint=tmp_path / "bare.ckpt")
 
 
 def _cli_error(args, capsys) -> tuple[int, str]:

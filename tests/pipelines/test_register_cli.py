@@ -90,6 +90,7 @@ def test_cli_register_demons(pair, tmp_path, capsys):
     assert "written to" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
 def test_register_with_a_checkpoint(pair, tmp_path):
     from threefold.pipelines.config import dump_config
     from threefold.pipelines.registration import RegistrationConfig, build_network

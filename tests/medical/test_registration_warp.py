@@ -124,3 +124,17 @@ def test_bad_inputs():
         warp(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 3, 4, 4, 4), mode="bicubic")
     with pytest.raises(ConfigError, match="steps"):
         integrate_velocity(torch.rand(1, 3, 4, 4, 4), steps=0)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(7)
+    image = torch.rand(2, 1, 16, 18, 20, generator=gen)
+    svf = _smooth((2, 3, 16, 18, 20), 3.0, seed=8)
+    cpu = warp(image, integrate_velocity(svf))
+    gpu = warp(image.cuda(), integrate_velocity(svf.cuda()))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    labels = torch.randint(0, 4, (2, 1, 16, 18, 20), generator=gen)
+    ddf = torch.round(svf)  # integer shifts: no rounding ties between devices
+    assert torch.equal(warp(labels.cuda(), ddf.cuda(), mode="nearest").cpu(), warp(labels, ddf, mode="nearest"))

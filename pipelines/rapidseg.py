@@ -431,11 +431,8 @@ class _RapidSegPipeline(Pipeline):
     variants: tuple[str, ...]
 
     def _config(self, cfg: RapidSegConfig) -> RapidSegConfig:
-        if cfg.model.variant not in self.variants:
-            if self.variants == ("none",) and cfg.model.variant == "r":  # the schema default
-                cfg.model.variant = "none"
-            else:
-                raise ConfigError(f"{self.name}: model.variant={cfg.model.variant!r}; expected one of {self.variants}")
+        if cfg.model.variant not in self.variants:  # the shipped YAML sets the pipeline's own variant
+            raise ConfigError(f"{self.name}: model.variant={cfg.model.variant!r}; expected one of {self.variants}")
         if cfg.ae.mode not in ("frozen", "cotrain"):
             raise ConfigError(f"ae.mode={cfg.ae.mode!r}: expected frozen or cotrain")
         return cfg

@@ -96,6 +96,28 @@ def test_minkunet_baseline_runs_and_writes_predictions(tmp_path):
     assert np.fromfile(pred, "<u4").shape == (6000,)
 
 
+def test_c_rapidseg_trains_and_evaluates_in_two_passes(tmp_path):
+    """C-RAPiD-Seg: ground-truth C-RAPiD rows in training, pseudo-labels of an R-RAPiD-Seg checkpoint at
+    evaluation and in `threefold predict`."""
+    root = _write_plain_scans(tmp_path / "kitti")
+    tiny = ["--data", str(root), "model.voxel_size=0.4", "model.width=0.125", "model.latents=2", "model.dim=8",
+            "model.inner_dim=2", "model.stream_channels=8", "ae.epochs=1", "trainer.max_steps=2", "trainer.accelerator=cpu"]
+    assert main(["run", "semantickitti-rapidseg", "--runs-dir", str(tmp_path / "r"), *tiny]) == 0
+    (r_run,) = (tmp_path / "r" / "semantickitti-rapidseg").iterdir()
+    r_ckpt = r_run / "stage2_seg" / "checkpoints" / "last.ckpt"
+    args = ["run", "semantickitti-rapidseg", "--runs-dir", str(tmp_path / "c"), *tiny, "model.variant=c", f"model.r_checkpoint={r_ckpt}"]
+    assert main(args) == 0
+    (c_run,) = (tmp_path / "c" / "semantickitti-rapidseg").iterdir()
+    metrics = json.loads((c_run / "metrics.json").read_text())
+    assert metrics["variant"] == "c" and "mIoU[absent=skip]" in metrics
+    assert (c_run / "cache" / "rapid-c").is_dir()  # ground-truth C-RAPiD rows were built for training
+    c_ckpt = c_run / "stage2_seg" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "pred"
+    scan = root / "sequences" / "08" / "velodyne" / "000000.bin"
+    assert main(["predict", "semantickitti-rapidseg", "--checkpoint", str(c_ckpt), "--input", str(scan), "--out", str(out)]) == 0
+    assert np.fromfile(out / "sequences" / "08" / "predictions" / "000000.label", "<u4").shape == (6000,)
+
+
 def test_variant_is_fixed_by_pipeline(tmp_path, capsys):
     assert main(["run", "semantickitti-minkunet", "--runs-dir", str(tmp_path), "model.variant=r"]) == 2
     assert "model.variant='r'" in capsys.readouterr().err

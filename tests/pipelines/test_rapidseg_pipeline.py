@@ -118,6 +118,21 @@ def test_c_rapidseg_trains_and_evaluates_in_two_passes(tmp_path):
     assert np.fromfile(out / "sequences" / "08" / "predictions" / "000000.label", "<u4").shape == (6000,)
 
 
+def test_resume_restores_both_stages(tmp_path):
+    """`--resume` on a finished run: each stage reopens its own last.ckpt (stage1_ae/, stage2_seg/),
+    trains no further step, and the evaluation gives the same numbers."""
+    root = _write_plain_scans(tmp_path / "kitti")
+    assert main(["run", "semantickitti-rapidseg", "--data", str(root), "--runs-dir", str(tmp_path / "runs"),
+                 "model.voxel_size=0.4", "model.width=0.125", "model.latents=2", "model.dim=8", "model.inner_dim=2",
+                 "model.stream_channels=8", "ae.epochs=2", "trainer.max_epochs=2", "trainer.accelerator=cpu"]) == 0
+    (run,) = (tmp_path / "runs" / "semantickitti-rapidseg").iterdir()
+    first = json.loads((run / "metrics.json").read_text())
+    assert main(["run", "semantickitti-rapidseg", "--resume", str(run)]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["global_step"] == first["global_step"] == 2 and again["ae_steps"] == first["ae_steps"] == 2
+    assert again["mIoU[absent=zero]"] == pytest.approx(first["mIoU[absent=zero]"], abs=1e-12)
+
+
 def test_variant_is_fixed_by_pipeline(tmp_path, capsys):
     assert main(["run", "semantickitti-minkunet", "--runs-dir", str(tmp_path), "model.variant=r"]) == 2
     assert "model.variant='r'" in capsys.readouterr().err

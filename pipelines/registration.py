@@ -43,7 +43,7 @@ from threefold.medical.registration.losses import registration_loss
 from threefold.medical.registration.nestedmorph import NestedMorph, RegistrationOutput, check_registration_shape, count_parameters
 from threefold.medical.registration.warp import warp
 from threefold.pipelines.config import RunConfig, config_from_dict, config_to_dict
-from threefold.pipelines.engine import RunContext
+from threefold.pipelines.engine import RunContext, load_checkpoint
 from threefold.pipelines.metrics.registration import registration_pair_metrics, spacing_from_affine, summarize_pairs
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -342,6 +342,19 @@ class _LearnedRegistration(_RegistrationPipeline):
         ctx.export_weights(module.net)
         rows = evaluate_pairs(test, network_register(module), ctx.run_dir / "example_pair.npz")
         return self._report(cfg, ctx, rows, extra)
+
+
+    def load(self, cfg: RegistrationConfig, checkpoint: Path) -> RegistrationModule:
+        """The trained module of a Lightning checkpoint of this pipeline, in eval mode on the CPU:
+        ``module(moving, fixed)`` → :class:`RegistrationOutput` for ``(B, 1, D, H, W)`` volumes in [0, 1]."""
+        ckpt = load_checkpoint(checkpoint)
+        stored = ckpt.get("hyper_parameters", {}).get("config")
+        if not isinstance(stored, dict) or stored.get("method") != self.method:
+            raise ConfigError(f"checkpoint {checkpoint} was not written by {self.name} (hyper_parameters.config.method "
+                              f"is {stored.get('method') if isinstance(stored, dict) else None!r})")
+        module = RegistrationModule(ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()
 
 
 @register_pipeline

@@ -54,6 +54,18 @@ def test_nestedmorph_pipeline_learns_and_reports(tmp_path):
     assert (run / "model.safetensors").is_file() or (run / "model.pt").is_file()
     for figure in ("pair0_slices", "pair0_checkerboard", "pair0_grid", "pair0_jacobian"):
         assert (run / "figures" / f"{figure}.png").is_file(), figure
+    # the checkpoint loads back and reproduces the logged test result of the first pair
+    from threefold.datasets.registration_phantoms import RegistrationPhantoms
+    from threefold.pipelines.registry import get_pipeline
+
+    module = get_pipeline("hcp-nestedmorph").load(None, run / "checkpoints" / "last.ckpt")
+    pair = RegistrationPhantoms(1, size=32, split="test")[0]
+    with torch.no_grad():
+        out = module(pair["moving"][None], pair["fixed"][None])
+    example = np.load(run / "example_pair.npz")
+    np.testing.assert_allclose(out.ddf[0].numpy(), example["ddf"], atol=1e-5)
+    with pytest.raises(ConfigError, match="hcp-voxelmorph"):
+        get_pipeline("hcp-voxelmorph").load(None, run / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow

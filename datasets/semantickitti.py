@@ -159,10 +159,12 @@ def lidar_rings(coord: np.ndarray | torch.Tensor, n_beams: int = 64,
     if isinstance(coord, torch.Tensor):
         c = coord.double()
         elev = torch.atan2(c[:, 2], torch.hypot(c[:, 0], c[:, 1]))
-        return torch.round((up - elev) / step).clamp_(0, n_beams - 1).long()
+        return torch.round((up - elev) * (1.0 / step)).clamp_(0, n_beams - 1).long()  # see below
     c = np.asarray(coord, dtype=np.float64)
     elev = np.arctan2(c[:, 2], np.hypot(c[:, 0], c[:, 1]))
-    return np.clip(np.rint((up - elev) / step), 0, n_beams - 1).astype(np.int64)
+    # Times the reciprocal in both paths: CUDA divides by a Python scalar that way, so NumPy, CPU and CUDA
+    # tensors agree on rings at bin edges.
+    return np.clip(np.rint((up - elev) * (1.0 / step)), 0, n_beams - 1).astype(np.int64)
 
 
 def _sequences_root(root: Path) -> Path:

@@ -20,6 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+#: Queries per program and warps per program: the fastest of a sweep on an H100 at 120k points, k = 16
+#: (blocks 16-128, 1-8 warps, cell fill 0.4-0.9; docs/gpu-runs/2026-11-26-h100-knn-sweep.txt).
+BLOCK_Q = 128
+NUM_WARPS = 4
+
 
 @triton.jit
 def _knn_runs_kernel(
@@ -74,11 +79,11 @@ def knn_runs_triton(q: Tensor, sorted_ref: Tensor, start: Tensor, count: Tensor,
     d2 = torch.empty(nq, width, dtype=torch.float32, device=q.device)
     pos = torch.empty(nq, width, dtype=torch.long, device=q.device)
     if nq:
-        block = 64
+        block = BLOCK_Q
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             _knn_runs_kernel[(triton.cdiv(nq, block),)](
                 q.contiguous(), sorted_ref.T.contiguous(), start.contiguous(), count.contiguous(), d2, pos,
-                nq, sorted_ref.shape[0], RUNS=runs, K=width, BLOCK_Q=block, num_warps=4, enable_fp_fusion=False,
+                nq, sorted_ref.shape[0], RUNS=runs, K=width, BLOCK_Q=block, num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
     d2, order = d2.sort(dim=1)
     return d2[:, :k], pos.gather(1, order[:, :k])

@@ -68,7 +68,9 @@ def project_depth(points: Tensor, image_size: int = IMAGE_SIZE) -> tuple[Tensor,
     b, n, _ = pts.shape
     plane = pts[..., :2]
     lo = plane.amin(1)
-    grid = (plane.amax(1) - lo).amax(-1) / (image_size - 3)
+    # Times the reciprocal, not divided by the scalar: CUDA computes a division by a Python scalar as a
+    # multiplication, and a grid one bit apart moves edge points to another cell (and re-centres the view).
+    grid = (plane.amax(1) - lo).amax(-1) * (1.0 / (image_size - 3))
     grid = grid.clamp_min(torch.finfo(grid.dtype).tiny)  # a single point: any grid puts it in cell 0
     cell = _cells(plane, lo, grid)  # (B, N, 2)
     r = SPLAT // 2

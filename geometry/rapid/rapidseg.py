@@ -118,7 +118,7 @@ class RAPiDSeg(nn.Module):
 
     def voxelize(self, coord: Tensor, batch: Tensor) -> VoxelGrid:
         indices, inverse = voxelize(coord, batch, self.voxel_size)
-        scaled = coord / self.voxel_size
+        scaled = coord * (1.0 / self.voxel_size)  # as in `voxelize`: the same cell on CPU and CUDA
         offset = scaled - torch.floor(scaled) - 0.5
         table = DepthwiseSubMConv3d.neighbour_table(indices, _OFFSETS.to(coord.device)) if self.variant != "none" \
             else indices.new_zeros((0, indices.shape[0]), dtype=torch.long)

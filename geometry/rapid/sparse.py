@@ -121,7 +121,9 @@ def voxelize(coord: Tensor, batch: Tensor, voxel_size: float) -> tuple[Tensor, T
         raise DataFormatError(f"voxelize: expected coord (N, 3) and batch (N,), got {tuple(coord.shape)}, {tuple(batch.shape)}")
     if voxel_size <= 0:
         raise ConfigError(f"voxelize: voxel_size={voxel_size} must be > 0 metres")
-    grid = torch.floor(coord / voxel_size).long()
+    # Multiply by the reciprocal: CUDA divides by a Python scalar that way, and CPU and CUDA must put
+    # every point in the same voxel (a true division on the CPU differs in the last bit at cell edges).
+    grid = torch.floor(coord * (1.0 / voxel_size)).long()
     n_batch = int(batch.max()) + 1 if batch.numel() else 0
     lo = torch.full((n_batch, 3), torch.iinfo(torch.int64).max, dtype=torch.long, device=coord.device)
     lo = lo.scatter_reduce(0, batch[:, None].expand(-1, 3), grid, reduce="amin")

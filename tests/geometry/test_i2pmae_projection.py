@@ -24,7 +24,9 @@ def np_project(p: np.ndarray, size: int = 224) -> tuple[np.ndarray, np.ndarray, 
     """One view, point by point: cell = floor((xy - min) / grid), grid = max range / (size - 3); 5 x 5
     splat at cell + offset + 1; footprint centred (midpoint -> size/2 - 1); clamp; depths summed."""
     lo = p[:, :2].min(0)
-    grid = (p[:, :2].max(0) - lo).max() / (size - 3)
+    # grid = range x float32(1 / (size - 3)): how CUDA evaluates the reference's `range / (size - 3)`
+    # (a division by a scalar becomes a multiplication), and what threefold does on every device.
+    grid = (p[:, :2].max(0) - lo).max() * np.float32(1.0 / (size - 3))
     cells = np.floor((p[:, :2] - lo) / grid).astype(np.int64)
     footprint = [cells[i] + np.array([dx, dy]) + 1 for i in range(len(p)) for dx in range(-2, 3) for dy in range(-2, 3)]
     footprint = np.array(footprint)
@@ -70,7 +72,7 @@ def test_back_projection_reads_each_points_own_pixel():
     rng = np.random.default_rng(2)
     pts = rng.uniform(-1, 1, size=(1, 30, 3)).astype(np.float32)
     _, geom = project_depth(torch.tensor(pts))
-    _, cells, (_, _, shift) = np_project(pts[0].astype(np.float64))
+    _, cells, (_, _, shift) = np_project(pts[0])  # float32, the arithmetic of project_depth
     rows, cols = (cells + 1 + shift).T
     # A full-resolution map: bicubic "upsampling" to the same size is the identity, so the value read
     # is the id of the pixel the point was taken to.

@@ -188,7 +188,8 @@ def test_pipeline_trains_on_cuda(tmp_path):
         pytest.skip("needs CUDA")
     root = _write_plain_scans(tmp_path / "kitti")
     args = ["run", "semantickitti-rapidseg", "--data", str(root), "--runs-dir", str(tmp_path / "runs"), "model.voxel_size=0.2",
-            "model.width=0.25", "ae.epochs=1", "trainer.max_epochs=2", "trainer.accelerator=gpu", "trainer.deterministic=true"]
+            "model.width=0.25", "ae.epochs=1", "trainer.max_epochs=6", "optim.name=adamw", "optim.lr=3e-3", "optim.warmup_epochs=1",
+            "trainer.accelerator=gpu", "trainer.deterministic=true"]
     assert main(args) == 0
     (run,) = (tmp_path / "runs" / "semantickitti-rapidseg").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())

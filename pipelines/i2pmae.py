@@ -26,6 +26,7 @@ Without ``--data`` each pipeline writes the embedded procedural sample in its da
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -336,6 +337,59 @@ class ShapeNetI2PMAEPretrain(Pipeline):
             "protocol": "held-out test split, fixed 2D-guided masks; CD-L2 of masked 256-scale tokens' members; "
                         "baseline: members of the nearest visible token, re-centred",
         }
+
+    def figures(self, cfg: PretrainConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, then for the first held-out test shape, from the final checkpoint: its three depth
+        views (:func:`project_views`; the summed splatted depth recovered as ``logit`` of the
+        de-normalised image) with the 2D-guided saliency (the teacher's [CLS] attention of each view
+        upsampled bicubically to 224², the map :func:`center_saliency` reads at the top-scale centres),
+        and masked input / reconstruction / ground truth at the target scale (mask of the held-out
+        generator, as ``test_cdl2``)."""
+        from threefold.geometry.i2pmae.projection import IMAGENET_MEAN, IMAGENET_STD, project_views
+        from threefold.pipelines.figures import figures_dir
+        from threefold.pipelines.figures_points import plot_depth_views, plot_point_reconstructions
+
+        paths = super().figures(cfg, run_dir, metrics)
+        ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
+        if not (ckpt.is_file() and data.is_file()):
+            return paths
+        stored = load_checkpoint(ckpt)
+        module = PretrainModule(stored["hyper_parameters"])
+        module.load_state_dict(stored["state_dict"])
+        model = module.model.eval()
+        test = ShapeNet55(Path(data.read_text().strip()), "test", cfg.num_points, seed=cfg.seed)
+        batch = collate_objects([test[0]])
+        points, name = batch["coord"], batch["name"][0]
+        with torch.no_grad():
+            out = model(points, _step_generator(12345, 0, points.device))
+            images, _ = project_views(points)  # (3 views, 1, 3, S, S), ImageNet-normalised sigmoid(depth)
+            _, attn = model.teacher(images[:, 0])  # (3, h, w)
+        size = images.shape[-1]
+        saliency = torch.nn.functional.interpolate(attn.float().unsqueeze(1), size=(size, size), mode="bicubic",
+                                                   align_corners=False)[:, 0]
+        # the three channels are equal: undo channel 0's normalisation, then the sigmoid
+        depth = torch.logit((images[:, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]).clamp(1e-6, 1 - 1e-6))
+        top = len(out["masks"]) - 1
+        visible_top = int((~out["masks"][top][0]).sum())
+        paths += plot_depth_views(
+            run_dir, depth.numpy(), saliency.numpy(), name="depth_views", view_names=("x-y", "z-x", "y-z"),
+            caption=f"I2P-MAE on held-out shape {name}, final checkpoint: summed splatted depth of the three "
+                    "orthographic views (x-y seen along z, z-x along y, y-z along x; no point: white) and the 2D "
+                    f"teacher's [CLS] attention upsampled bicubically to {size}x{size} (the 2D-guided saliency; "
+                    f"the mask keeps {visible_top} of {out['masks'][top].shape[1]} top-scale tokens visible, "
+                    "drawn with softmax(saliency)).")
+        t = model.target_scale
+        mask, scale = out["masks"][t][0], out["scales"][t]
+        visible = scale.neighborhood_abs[0][~mask].reshape(-1, 3).numpy()
+        target = scale.neighborhood_abs[0][mask].reshape(-1, 3).numpy()
+        predicted = (out["pred_3d"] + scale.centers[0][mask][:, None]).reshape(-1, 3).numpy()
+        cd = float(out["loss_3d"])
+        caption = (f"I2P-MAE masked point modelling on held-out shape {name}, final checkpoint, scale {t} "
+                   f"({cfg.model.num_groups[t]} tokens x {cfg.model.group_sizes[t]} points; {int(mask.sum())} masked): "
+                   f"masked input, reconstruction, ground truth; visible points blue, masked orange; CD-L2 {cd:.4f}")
+        paths.append(plot_point_reconstructions(figures_dir(run_dir) / "reconstructions.png", [visible], [predicted],
+                                                [target], [f"{name}, CD-L2 {cd:.4f}"], caption))
+        return paths
 
 
 def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:

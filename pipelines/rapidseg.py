@@ -508,6 +508,34 @@ class _RapidSegPipeline(Pipeline):
         info.update(self._evaluate(module.eval(), cfg, root, rows, ctx))
         return info
 
+    def figures(self, cfg: RapidSegConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves and per-class IoU bars, then bird's-eye / range views (prediction, ground truth, error;
+        official colours) and the confusion matrix of the first scan of ``eval.split``
+        (:func:`~threefold.pipelines.figures_lidar.plot_lidar_views`), read back from the submission
+        files the evaluation wrote (no second forward pass; nothing more when there are none)."""
+        from threefold.datasets.semantickitti import read_labels, semantickitti_config
+        from threefold.pipelines.figures_lidar import plot_lidar_views
+
+        paths = super().figures(cfg, run_dir, metrics)
+        data = run_dir / "data_path.txt"  # written by `threefold run --data`; else the embedded sample
+        root = Path(data.read_text().strip()) if data.is_file() else run_dir / "data"
+        if not root.is_dir():
+            return paths
+        scans = SemanticKITTI(root, cfg.eval.split, n_beams=cfg.features.n_beams)
+        if len(scans) == 0 or not scans.with_labels:
+            return paths
+        item = scans[0]
+        seq, frame = item["sequence"], item["frame"]
+        pred_file = run_dir / "predictions" / "sequences" / seq / "predictions" / f"{frame}.label"
+        if not pred_file.is_file():
+            return paths
+        coord = item["coord"].numpy()
+        pred = read_labels(pred_file, len(coord))  # raw ids back to classes 0..18
+        c = semantickitti_config()
+        return paths + plot_lidar_views(run_dir, coord, pred, item["label"].numpy(), c["color_map"],
+                                        c["learning_map_inv"], name=f"seq{seq}_{frame}", labels=c["labels"],
+                                        learning_ignore=c["learning_ignore"])
+
     def evaluate(self, cfg: RapidSegConfig, ctx: RunContext, checkpoint: Path) -> dict[str, Any]:
         module = _module_from_checkpoint(checkpoint)
         stored = module.cfg

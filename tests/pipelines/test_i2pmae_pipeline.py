@@ -83,6 +83,37 @@ def test_pretrain_reports_held_out_cd_baseline_and_2d_loss(pretrained):
     assert stored["hyper_parameters"]["config"]["model"]["num_groups"] == [32, 16, 4]
 
 
+def test_pretrain_figures(pretrained):
+    """Issue #11: the pretraining run on the embedded default draws curves, the three depth views with
+    the 2D-guided saliency (one held-out shape) and masked input / reconstruction / ground truth: PNGs
+    that exist, decode, have the documented size, are not blank, whose caption states the mask ratio's
+    visible count (4 top-scale tokens, ratio 0.8: 4 - int(3.2) = 1 visible), all linked by report.md."""
+    pytest.importorskip("matplotlib")
+    import re
+
+    from matplotlib.image import imread
+
+    from threefold.pipelines.figures import png_caption
+
+    figs = pretrained / "figures"
+    expected = {"depth_views.png": (600, 900), "reconstructions.png": (300, 900)}
+    assert sorted(p.name for p in figs.glob("*.png")) == sorted([*expected, "curves.png"])
+    for name in [*expected, "curves.png"]:
+        img = imread(figs / name)
+        if name == "curves.png":  # 400 x 320 px per logged metric family, at most 3 a row
+            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
+        else:
+            assert img.shape[:2] == expected[name], (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+    assert "keeps 1 of 4 top-scale tokens visible" in png_caption(figs / "depth_views.png")
+    m = re.search(r"scale 1 \(16 tokens x 4 points; (\d+) masked\)", png_caption(figs / "reconstructions.png"))
+    assert m and int(m.group(1)) == 16 - 4  # only the 4 kNN members (group_sizes[2]) of the visible top token stay visible
+    links = re.findall(r"\]\((figures/[^)]+\.png)\)", (pretrained / "report.md").read_text())
+    assert sorted(links) == sorted(f"figures/{n}" for n in [*expected, "curves.png"])
+    assert all((pretrained / link).is_file() for link in links)
+
+
 def test_svm_and_finetune_load_the_pretrained_checkpoint(pretrained, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     ckpt = pretrained / "checkpoints" / "last.ckpt"

@@ -1,10 +1,17 @@
 """semantickitti-rapidseg / semantickitti-minkunet: the CI training run (reduced-width R-RAPiD-Seg on
 the synthetic sample, val mIoU[absent=skip] >= 0.70), submission files, `threefold predict` on a root
-and on one .bin, and the data pieces (collate, class weights, deterministic augmentation)."""
+and on one .bin, and the data pieces (collate, class weights, deterministic augmentation).
+
+Figures (issue #11): both pipelines share ``_RapidSegPipeline.figures``; the MinkUNet run (fast) and
+the slow CI R-RAPiD-Seg run on the embedded synthetic sample check the PNGs of the first val scan
+(bird's-eye / range views, confusion matrix) and the per-class IoU bars: they exist, decode, have the
+documented size, are not blank, carry the official colour of the ground-truth classes, state the
+point accuracy counted here from the submission file, and report.md links every one of them."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -81,6 +88,8 @@ def test_ci_r_rapidseg_reaches_miou_absent_skip(tmp_path):
     # and on one .bin (sequence read from its path)
     assert main(["predict", "semantickitti-rapidseg", "--checkpoint", str(ckpt), "--input", str(scan), "--out", str(out / "one")]) == 0
     np.testing.assert_array_equal(np.fromfile(out / "one" / "sequences" / "08" / "predictions" / "000000.label", "<u4"), ref)
+    # figures of the first val scan: the synthetic scene's road and car in their official colours
+    check_lidar_figures(run, run / "data", {40: (255, 0, 255), 10: (100, 150, 245)})
 
 
 def test_minkunet_baseline_runs_and_writes_predictions(tmp_path):
@@ -94,6 +103,51 @@ def test_minkunet_baseline_runs_and_writes_predictions(tmp_path):
     assert not (run / "stage1_ae").exists()  # no autoencoder to pretrain
     (pred,) = (run / "predictions" / "sequences" / "08" / "predictions").glob("*.label")
     assert np.fromfile(pred, "<u4").shape == (6000,)
+    check_lidar_figures(run, root, {40: (255, 0, 255), 50: (255, 200, 0)})  # road, building (RGB)
+
+
+def decode(path: Path) -> np.ndarray:
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def check_lidar_figures(run: Path, root: Path, gt_rgb: dict[int, tuple[int, int, int]]) -> None:
+    """The figures of ``run`` (first val scan 08/000000 of ``root``): names, sizes (100 dpi: bird's-eye
+    3 panels x 500 px + 200 px legend; range 11 in wide, 3 x (1.28 + 0.35) in tall; confusion and bars
+    of the 19 classes), not blank, the official RGB of the ground-truth raw ids ``gt_rgb`` present,
+    the caption's accuracy equal to one counted from the raw files, and every link of report.md."""
+    figs = run / "figures"
+    expected = {"seq08_000000_bev.png": (500, 1700), "seq08_000000_range.png": (489, 1100),
+                "seq08_000000_confusion.png": (1200, 1200), "per_class.png": (360, 1005)}
+    assert set(expected) <= {p.name for p in figs.glob("*.png")}
+    for name, shape in expected.items():
+        img = decode(figs / name)
+        assert img.shape[:2] == shape, (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+    for name in ("seq08_000000_bev.png", "seq08_000000_range.png"):
+        img = decode(figs / name)[..., :3]
+        for raw, rgb in gt_rgb.items():
+            assert (np.abs(img - np.asarray(rgb) / 255).max(-1) < 0.01).sum() > 20, (name, raw)
+    from threefold.pipelines.figures import png_caption
+
+    pred = np.fromfile(run / "predictions" / "sequences" / "08" / "predictions" / "000000.label", "<u4")
+    gt = np.fromfile(root / "sequences" / "08" / "labels" / "000000.label", "<u4") & 0xFFFF
+    from threefold.datasets.semantickitti import semantickitti_config
+
+    c = semantickitti_config()  # the official yaml: moving-car (252) is car (10) once learnt, etc.
+    learnt = np.array([c["learning_map"].get(int(r), 0) for r in gt])
+    canonical = np.array([c["learning_map_inv"][int(k)] for k in learnt])
+    labelled = learnt != 0
+    m = re.search(r"Point accuracy ([0-9.]+) over (\d+) labelled points", png_caption(figs / "seq08_000000_bev.png"))
+    assert int(m.group(2)) == labelled.sum()
+    assert float(m.group(1)) == pytest.approx((pred == canonical)[labelled].mean(), abs=1e-4)
+    report = (run / "report.md").read_text()
+    links = re.findall(r"\]\((figures/[^)]+\.png)\)", report)
+    assert {f"figures/{n}" for n in expected} <= set(links)
+    assert all((run / link).is_file() for link in links)
 
 
 def test_c_rapidseg_trains_and_evaluates_in_two_passes(tmp_path):

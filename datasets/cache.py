@@ -4,8 +4,9 @@ Preprocessing (voxelisation, normalisation, neighbour lists, cropped volumes) is
 epoch or a second run skips it. Three things go wrong with naive caches, and this module prevents each:
 
 - **stale entries**: the key is a SHA-256 over the namespace, the parameters (canonical JSON) and each
-  input file's identity — its content hash (``key_by="content"``) or its resolved path, size and
-  modification time in nanoseconds (``key_by="stat"``, the default: no read of the input). Changing a
+  input file's identity — its content hash (``key_by="content"``, the default) or, where hashing every
+  read costs too much, its resolved path, size and modification time in nanoseconds (``key_by="stat"``:
+  a file rewritten with the same size and mtime, e.g. ``cp -p``, then looks unchanged). Changing a
   parameter or an input file makes a new key, i.e. a miss, never a stale hit;
 - **half-written entries**: an entry is written to a temp file in the same folder, flushed, fsynced,
   then ``os.replace``-d into place, so a process killed mid-write leaves at most a ``.tmp`` file that
@@ -60,7 +61,7 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | os.PathLike[str], namespace: str, params: Mapping[str, Any],
-                 key_by: Literal["stat", "content"] = "stat") -> None:
+                 key_by: Literal["stat", "content"] = "content") -> None:
         if not namespace or any(c in namespace for c in "/\\\x00") or namespace in (".", ".."):
             raise ConfigError(f"FeatureCache namespace {namespace!r}: expected a plain folder name")
         if key_by not in ("stat", "content"):

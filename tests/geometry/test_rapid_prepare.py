@@ -22,7 +22,9 @@ def sample(tmp_path_factory):
     generate_lidar_sample(root, sequences=("00", "08"), scans_per_sequence=2, azimuth_step_deg=2.0)
     # a test-split sequence without labels
     (root / "sequences/11/velodyne").mkdir(parents=True)
-    (root / "sequences/11/velodyne/000000.bin").write_bytes((root / "sequences/00/velodyne/000001.bin").read_bytes())
+    # (a scan of sequence 00 in reverse point order: other bytes, as the caches are keyed by content)
+    scan = np.fromfile(root / "sequences/00/velodyne/000001.bin", dtype="<f4").reshape(-1, 4)
+    scan[::-1].tofile(root / "sequences/11/velodyne/000000.bin")
     return root
 
 

@@ -59,7 +59,7 @@ def test_hit_returns_the_stored_arrays_without_building(tmp_path, scan):
 @pytest.mark.parametrize("change", ["param", "namespace", "content", "touch", "extra_input"])
 def test_any_change_of_key_material_is_a_miss(tmp_path, scan, change):
     b = Builder(_value())
-    FeatureCache(tmp_path / "c", "voxels", {"size": 0.05}).get_or_build([scan], b)
+    FeatureCache(tmp_path / "c", "voxels", {"size": 0.05}, key_by="stat").get_or_build([scan], b)
     params, ns, inputs = {"size": 0.05}, "voxels", [scan]
     if change == "param":
         params = {"size": 0.1}
@@ -69,15 +69,17 @@ def test_any_change_of_key_material_is_a_miss(tmp_path, scan, change):
         st = scan.stat()
         scan.write_bytes(np.arange(1, 41, dtype="<f4").tobytes())
         os.utime(scan, ns=(st.st_atime_ns, st.st_mtime_ns))
-        FeatureCache(tmp_path / "c", ns, params).get_or_build(inputs, b)
+        FeatureCache(tmp_path / "c", ns, params, key_by="stat").get_or_build(inputs, b)
         assert b.calls == 1  # documented limit of key_by="stat": same size and mtime look unchanged
-        FeatureCache(tmp_path / "c2", ns, params, key_by="content").get_or_build(inputs, b)
+        FeatureCache(tmp_path / "c2", ns, params).get_or_build(inputs, b)  # the default: content
         assert b.calls == 2
-        FeatureCache(tmp_path / "c2", ns, params, key_by="content").get_or_build(inputs, b)
-        assert b.calls == 2
-        scan.write_bytes(np.arange(40, dtype="<f4").tobytes())
-        FeatureCache(tmp_path / "c2", ns, params, key_by="content").get_or_build(inputs, b)
+        FeatureCache(tmp_path / "c3", ns, params, key_by="content").get_or_build(inputs, b)
         assert b.calls == 3
+        FeatureCache(tmp_path / "c3", ns, params, key_by="content").get_or_build(inputs, b)
+        assert b.calls == 3
+        scan.write_bytes(np.arange(40, dtype="<f4").tobytes())
+        FeatureCache(tmp_path / "c3", ns, params, key_by="content").get_or_build(inputs, b)
+        assert b.calls == 4
         return
     elif change == "touch":
         st = scan.stat()
@@ -86,7 +88,7 @@ def test_any_change_of_key_material_is_a_miss(tmp_path, scan, change):
         other = tmp_path / "labels.bin"
         other.write_bytes(b"\0" * 8)
         inputs = [scan, other]
-    FeatureCache(tmp_path / "c", ns, params).get_or_build(inputs, b)
+    FeatureCache(tmp_path / "c", ns, params, key_by="stat").get_or_build(inputs, b)
     assert b.calls == 2
 
 

@@ -72,6 +72,7 @@ from threefold.pipelines.pointmae import (
     _param_groups,
     _step_generator,
     _warmup_cosine,
+    per_class_figures,
     pretrained_state,
 )
 from threefold.pipelines.registry import Pipeline, register_pipeline
@@ -392,18 +393,20 @@ class ShapeNetI2PMAEPretrain(Pipeline):
         return paths
 
 
-def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:
-    seed_everything(cfg.seed)
+def _finetune_sets(cfg: FinetuneConfig, root: Path, dataset: str):
+    """Training (augmented) and test sets of a fine-tuning run."""
     augment = ScaleAndTranslate()
     if dataset == "modelnet40":
-        root = _data_root(ctx, "modelnet40", cfg.sample)
         src = _modelnet_source(root, cfg)
-        train = ModelNet40(root, "train", src, transform=augment, seed=cfg.seed)
-        test = ModelNet40(root, "test", src, seed=cfg.seed)
-    else:
-        root = _data_root(ctx, "scanobjectnn", cfg.sample)
-        train = ScanObjectNN(root, "train", cfg.dataset_variant, None, transform=augment, seed=cfg.seed)
-        test = ScanObjectNN(root, "test", cfg.dataset_variant, None, seed=cfg.seed)
+        return (ModelNet40(root, "train", src, transform=augment, seed=cfg.seed),
+                ModelNet40(root, "test", src, seed=cfg.seed))
+    return (ScanObjectNN(root, "train", cfg.dataset_variant, None, transform=augment, seed=cfg.seed),
+            ScanObjectNN(root, "test", cfg.dataset_variant, None, seed=cfg.seed))
+
+
+def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset: str) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    train, test = _finetune_sets(cfg, _data_root(ctx, dataset, cfg.sample), dataset)
     _check_batch(len(train), cfg.trainer.batch_size, pipe.name)
     module = FinetuneModule({"config": config_to_dict(cfg), "num_classes": train.num_classes})
     loaded = module.model.load_encoder(pretrained_state(cfg.pretrained), cfg.pretrained) if cfg.pretrained else 0
@@ -424,6 +427,31 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
 
 
 class _FinetunePipeline(Pipeline):
+    dataset: str
+
+    def figures(self, cfg: FinetuneConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Curves, then per-class test accuracy and the confusion matrix of the final checkpoint
+        (single pass on FPS'd test clouds, as ``test_acc``)."""
+        from threefold.pipelines.figures import figures_dir
+
+        paths = super().figures(cfg, run_dir, metrics)
+        ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
+        if not (ckpt.is_file() and data.is_file()):
+            return paths
+        _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
+        predictor = self.load(cfg, ckpt)
+        device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+                              else "cpu")
+        predictor.module.to(device)
+        step = max(1, cfg.trainer.batch_size)
+        preds, targets = [], []
+        for start in range(0, len(test), step):
+            batch = collate_objects([test[i] for i in range(start, min(len(test), start + step))])
+            preds.append(predictor.predict(batch["coord"].to(device)).cpu())
+            targets.append(batch["category"])
+        return paths + per_class_figures(figures_dir(run_dir), torch.cat(preds).numpy(), torch.cat(targets).numpy(),
+                                         list(test.class_names), f"{self.name}, final checkpoint")
+
     def load(self, cfg: FinetuneConfig, checkpoint) -> ClassifierPredictor:
         ckpt = load_checkpoint(checkpoint)
         hp = ckpt.get("hyper_parameters", {})
@@ -436,6 +464,7 @@ class _FinetunePipeline(Pipeline):
 
 @register_pipeline
 class ScanObjectNNI2PMAEFinetune(_FinetunePipeline):
+    dataset = "scanobjectnn"
     name = "scanobjectnn-i2pmae-finetune"
     description = "I2P-MAE fine-tuning with local attention, ScanObjectNN (PB_T50_RS / OBJ-BG / OBJ-ONLY)"
     config_class = FinetuneConfig
@@ -446,6 +475,7 @@ class ScanObjectNNI2PMAEFinetune(_FinetunePipeline):
 
 @register_pipeline
 class ModelNet40I2PMAEFinetune(_FinetunePipeline):
+    dataset = "modelnet40"
     name = "modelnet40-i2pmae-finetune"
     description = "I2P-MAE fine-tuning with local attention, ModelNet40 (label smoothing 0.2)"
     config_class = FinetuneConfig
@@ -500,7 +530,10 @@ class ModelNet40I2PMAESVM(Pipeline):
         x_test, y_test = _features(enc, test, cfg, device)
         c = cfg.svm_c if cfg.svm_c is not None else SVM_C[cfg.dataset]
         svm = SVC(kernel="linear", C=c).fit(x_train, y_train)
-        acc = float((svm.predict(x_test) == y_test).mean())
+        pred = svm.predict(x_test)
+        acc = float((pred == y_test).mean())
+        np.savez_compressed(ctx.run_dir / "svm_test.npz", features=x_test, labels=y_test, pred=pred,
+                            class_names=np.asarray(test.class_names))
         result = {
             "pipeline": self.name,
             "dataset": ("embedded-procedural-" if ctx.data is None else "") + cfg.dataset,
@@ -514,3 +547,22 @@ class ModelNet40I2PMAESVM(Pipeline):
         }
         write_metrics(ctx.run_dir / "svm.json", result)
         return result
+
+    def figures(self, cfg: SVMConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+        """Per-class test accuracy and confusion matrix of the linear SVM, and a PCA of the frozen
+        max-pooled test features coloured by class (from ``svm_test.npz``)."""
+        from threefold.pipelines.figures import figures_dir, plot_embedding
+
+        paths = super().figures(cfg, run_dir, metrics)
+        saved = run_dir / "svm_test.npz"
+        if not saved.is_file():
+            return paths
+        with np.load(saved) as f:
+            x, y, pred, names = f["features"], f["labels"], f["pred"], [str(c) for c in f["class_names"]]
+        encoder = f"pretrained encoder {cfg.pretrained}" if cfg.pretrained else f"randomly initialised encoder (seed {cfg.seed})"
+        out = figures_dir(run_dir)
+        paths += per_class_figures(out, pred, y, names, f"linear SVM (C={metrics.get('svm_c')}) on the {encoder}")
+        paths.append(plot_embedding(x, y.astype(np.int64), out / "embedding_pca.png", "pca", seed=cfg.seed, class_names=names,
+                                    caption=f"PCA of the frozen max-pooled test features ({len(y)} shapes, {encoder}), "
+                                            "coloured by class."))
+        return paths

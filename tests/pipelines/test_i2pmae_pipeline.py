@@ -1,6 +1,10 @@
 """The I2P-MAE pipelines end to end on the embedded procedural sample (CI-size overrides): pretraining
 with the random-ViT teacher, its checkpoint loaded by path into the SVM and fine-tuning pipelines,
-the shipped configs' reference hyper-parameters, errors."""
+the shipped configs' reference hyper-parameters, errors; and the figures of issue #11 for all four I2P-MAE
+pipelines (pretraining: depth views with the 2D-guided saliency, reconstructions; fine-tuning on ScanObjectNN
+and ModelNet40, which share ``_FinetunePipeline.figures``, and the SVM: per-class accuracy, confusion
+matrix, PCA) — PNGs that exist, decode, have the documented size, are not blank, are linked by report.md,
+and whose captions agree with metrics.json."""
 
 from __future__ import annotations
 
@@ -117,8 +121,8 @@ def test_pretrain_figures(pretrained):
 def test_svm_and_finetune_load_the_pretrained_checkpoint(pretrained, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     ckpt = pretrained / "checkpoints" / "last.ckpt"
-    pre = json.loads((run("modelnet40-i2pmae-svm", "model.group_sizes=[8,4,4]", f"pretrained={ckpt}")
-                      / "metrics.json").read_text())
+    svm_run = run("modelnet40-i2pmae-svm", "model.group_sizes=[8,4,4]", f"pretrained={ckpt}")
+    pre = json.loads((svm_run / "metrics.json").read_text())
     assert pre["train_count"] == 24 and pre["test_count"] == 12 and pre["svm_c"] == 0.0093
     assert 0 <= pre["svm_acc"] <= 1 and pre["pretrained"] == str(ckpt)
     scan = json.loads((run("modelnet40-i2pmae-svm", "model.group_sizes=[8,4,4]", "dataset=scanobjectnn")
@@ -141,7 +145,51 @@ def test_svm_and_finetune_load_the_pretrained_checkpoint(pretrained, workdir, mo
 
     mn = run("modelnet40-i2pmae-finetune", "model.group_sizes=[8,4,4]", "trainer.max_epochs=1",
              "trainer.batch_size=8", "oversample=300")
-    assert 0 <= json.loads((mn / "metrics.json").read_text())["test_acc"] <= 1
+    mn_metrics = json.loads((mn / "metrics.json").read_text())
+    assert 0 <= mn_metrics["test_acc"] <= 1
+
+    # issue #11 figures (fine-tuning: scanobjectnn and modelnet40 share _FinetunePipeline.figures)
+    pytest.importorskip("matplotlib")
+    with open(mn / "data" / "modelnet40" / "modelnet40_shape_names.txt") as f:
+        classes = len(f.read().split())
+    for run_dir, n, acc in ((ft, 15, metrics["test_acc"]), (mn, classes, mn_metrics["test_acc"])):
+        side = int(100 * min(12.0, max(4.5, 0.5 * n + 2.5)))
+        bars = int(100 * max(4.0, 0.45 * n + 1.5))
+        check_pngs(run_dir, {"curves.png": None, "per_class_accuracy.png": (360, bars), "confusion_matrix.png": (side, side)})
+        assert overall_accuracy(run_dir / "figures" / "per_class_accuracy.png") == pytest.approx(acc, abs=1e-4)
+    side, bars = int(100 * min(12.0, max(4.5, 0.5 * classes + 2.5))), int(100 * max(4.0, 0.45 * classes + 1.5))
+    check_pngs(svm_run, {"per_class_accuracy.png": (360, bars), "confusion_matrix.png": (side, side),
+                         "embedding_pca.png": (450, 500)})
+    assert overall_accuracy(svm_run / "figures" / "per_class_accuracy.png") == pytest.approx(pre["svm_acc"], abs=1e-4)
+
+
+def check_pngs(run_dir: Path, expected: dict[str, tuple[int, int] | None]) -> None:
+    """Exactly these PNGs under figures/: decode, size (None: curves, 400 x 320 px per metric family),
+    not blank, each linked from report.md."""
+    from matplotlib.image import imread
+
+    figs = run_dir / "figures"
+    assert sorted(p.name for p in figs.glob("*.png")) == sorted(expected)
+    report = (run_dir / "report.md").read_text()
+    for name, shape in expected.items():
+        img = imread(figs / name)
+        if shape is None:
+            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
+        else:
+            assert img.shape[:2] == shape, (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+        assert f"(figures/{name})" in report
+
+
+def overall_accuracy(path: Path) -> float:
+    import re
+
+    from threefold.pipelines.figures import png_caption
+
+    m = re.search(r"overall ([0-9.]+)", png_caption(path))
+    assert m, png_caption(path)
+    return float(m.group(1))
 
 
 def test_bad_inputs_are_reported(pretrained, workdir, monkeypatch, capsys):

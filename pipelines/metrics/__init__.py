@@ -13,6 +13,7 @@ Every number carries its convention in its key (``"mIoU[absent=zero]"``, ``"SDlo
 from threefold.pipelines.metrics.classification import BinaryRankingMetrics, ClassificationMetrics, MulticlassAccuracy
 from threefold.pipelines.metrics.deformation import DeformationMetrics
 from threefold.pipelines.metrics.distributed import batch_real_mask, real_sample_mask
+from threefold.pipelines.metrics.molecules import MoleculeGenerationMetrics
 from threefold.pipelines.metrics.pointsets import PointSetMetrics
 from threefold.pipelines.metrics.segmentation import SemanticSegmentationMetrics
 from threefold.pipelines.metrics.volume import ImageSimilarityMetrics, SegmentationOverlapMetrics
@@ -22,6 +23,7 @@ __all__ = [
     "ClassificationMetrics",
     "DeformationMetrics",
     "ImageSimilarityMetrics",
+    "MoleculeGenerationMetrics",
     "MulticlassAccuracy",
     "PointSetMetrics",
     "SegmentationOverlapMetrics",

@@ -61,7 +61,8 @@ class MoleculeGenerationMetrics(Metric):
         self.hashes.append(torch.tensor(hashes, dtype=torch.int64, device=self.valid.device))
 
     def compute(self) -> dict[str, Tensor]:
-        hashes = dim_zero_cat(self.hashes) if self.hashes else torch.zeros(0, dtype=torch.int64)
+        # a list of per-update tensors, or one tensor once synced across ranks (torchmetrics' cat state)
+        hashes = dim_zero_cat(self.hashes) if len(self.hashes) else torch.zeros(0, dtype=torch.int64)
         unique = torch.unique(hashes)
         n, valid = self.molecules.double(), self.valid.double()
         out = {

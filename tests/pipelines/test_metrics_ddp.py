@@ -21,7 +21,23 @@ from threefold.pipelines.metrics.distributed import batch_real_mask, real_sample
 N_SAMPLES = 13  # W=2: 7 per rank (1 padded), batches 3,3,1; W=3: 5 per rank (2 padded), batches 3,2
 BATCH_SIZE = 3
 N_CLASSES = 4
-INT_STATES = {"seg": ["confmat"], "cls": ["confmat"], "acc": ["correct", "total"], "overlap": ["count"]}
+INT_STATES = {"seg": ["confmat"], "cls": ["confmat"], "acc": ["correct", "total"], "overlap": ["count"],
+              "mol": ["molecules", "valid", "atoms", "stable_atoms", "stable_molecules"]}
+N_MOLECULES = 5  # sample i holds embedded molecule i % 5: duplicates across ranks test global uniqueness
+
+
+def _molecules() -> list[tuple]:
+    """Real molecules (the package's embedded ETKDG conformers) and, every second one, a copy with its
+    atoms collapsed onto a line (invalid): (numbers (N,), positions (N, 3) Å) pairs."""
+    from threefold.datasets.molecule_samples import embedded_molecules
+
+    mols = []
+    for k, m in enumerate(embedded_molecules(limit=N_MOLECULES)):
+        numbers, positions = m["numbers"], m["positions"]
+        if k % 2:
+            positions = positions * [1.0, 0.0, 0.0]
+        mols.append((numbers, positions))
+    return mols
 
 
 class _Samples(Dataset):
@@ -56,6 +72,7 @@ class _Samples(Dataset):
             "cloud_y": torch.rand(40, 3, generator=g, dtype=torch.float64),
             "normal_x": torch.randn(32, 3, generator=g, dtype=torch.float64),
             "normal_y": torch.randn(40, 3, generator=g, dtype=torch.float64),
+            "molecule": torch.tensor(i % N_MOLECULES),
         }
 
 
@@ -65,6 +82,7 @@ def _metrics() -> dict:
         ClassificationMetrics,
         DeformationMetrics,
         ImageSimilarityMetrics,
+        MoleculeGenerationMetrics,
         MulticlassAccuracy,
         PointSetMetrics,
         SegmentationOverlapMetrics,
@@ -80,6 +98,7 @@ def _metrics() -> dict:
         "image": ImageSimilarityMetrics(data_range=1.0),
         "deform": DeformationMetrics(),
         "points": PointSetMetrics(squared=True, reduction="sum", fscore_threshold=0.1),
+        "mol": MoleculeGenerationMetrics(training_smiles=["CCO", "C"]),
     }
 
 
@@ -92,6 +111,7 @@ def _update_all(metrics: dict, b: dict[str, torch.Tensor]) -> None:
     metrics["image"].update(b["image_x"], b["image_y"])
     metrics["deform"].update(b["disp"])
     metrics["points"].update(b["cloud_x"], b["cloud_y"], b["normal_x"], b["normal_y"])
+    metrics["mol"].update([MOLECULES[j] for j in b["molecule"].tolist()])
 
 
 def _results(metrics: dict) -> dict:
@@ -104,6 +124,18 @@ def _results(metrics: dict) -> dict:
             for state in INT_STATES.get(name, []):
                 out[name][f"state:{state}"] = getattr(m, state).clone()
     return out
+
+
+MOLECULES = _molecules()  # before any fork: every rank reads the same list
+
+
+def test_every_streaming_metric_of_the_layer_is_covered():
+    """A metric added to threefold.pipelines.metrics must join the multi-process comparison below."""
+    import threefold.pipelines.metrics as layer
+    from torchmetrics import Metric
+
+    exported = {name for name in layer.__all__ if isinstance(getattr(layer, name), type) and issubclass(getattr(layer, name), Metric)}
+    assert exported == {type(m).__name__ for m in _metrics().values()}
 
 
 def _single_process() -> dict:

@@ -104,6 +104,7 @@ class TeacherConfig:
 
     checkpoint: str = ""  # CLIP ViT-B/16 state dict (open_clip / OpenAI / timm layout); empty: random ViT
     act: str = "quick_gelu"  # quick_gelu (OpenAI weights) | gelu (open_clip LAION weights)
+    trust_torchscript: bool = False  # load an OpenAI TorchScript archive (it carries code: trusted files only)
     random_width: int = 64
     random_layers: int = 2
     random_heads: int = 4
@@ -168,7 +169,7 @@ SVM_C = {"modelnet40": 0.0093, "scanobjectnn": 0.018}
 def build_teacher(t: dict[str, Any]) -> Teacher2D:
     """The frozen teacher of a ``teacher`` config section."""
     if t["checkpoint"]:
-        return load_clip_teacher(t["checkpoint"], t["act"])
+        return load_clip_teacher(t["checkpoint"], t["act"], t.get("trust_torchscript", False))
     return random_teacher(t["random_seed"], t["random_width"], t["random_layers"], t["random_heads"],
                           t["random_output_dim"])
 

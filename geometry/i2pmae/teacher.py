@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, require
+from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError, UnsafePickleError, require
 
 
 class Teacher2D(nn.Module):
@@ -188,9 +188,15 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") for n in z.namelist())
 
 
-def _read_state(path: Path) -> dict[str, Tensor]:
+def _read_state(path: Path, trust_torchscript: bool = False) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return require("safetensors.torch", extra="points").load_file(str(path))
+    if _is_torchscript(path) and not trust_torchscript:
+        # Loading a TorchScript archive deserialises a program, not just tensors: never for an unvetted file.
+        raise UnsafePickleError(
+            f"{path}: a TorchScript archive (OpenAI's original ViT-B-16.pt format) holds code as well as weights "
+            "and is not loaded by default; pass trust_torchscript=True (config: teacher.trust_torchscript=true) "
+            "for a file from a source you trust, or use open_clip's state dict (open_clip_pytorch_model.bin)")
     try:
         if _is_torchscript(path):  # OpenAI's original ViT-B-16.pt: a TorchScript archive of the whole CLIP
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -206,20 +212,21 @@ def _read_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def load_clip_teacher(path: str | Path, act: str = "quick_gelu") -> CLIPVisionTeacher:
+def load_clip_teacher(path: str | Path, act: str = "quick_gelu", trust_torchscript: bool = False) -> CLIPVisionTeacher:
     """Build a frozen :class:`CLIPVisionTeacher` from a user-supplied CLIP checkpoint (no download).
 
     ``path``: an open_clip / OpenAI state dict (``.pt``/``.bin``; keys ``visual.*``, the text tower is
     ignored), an OpenAI TorchScript archive, or a timm ``vit_*_clip_*`` state dict (``.bin`` /
     ``.safetensors``). Widths, depth, heads, patch and output dimension are read from the tensors
     (heads = width / 64 as in CLIP). ``act``: ``"quick_gelu"`` for OpenAI weights, ``"gelu"`` for
-    open_clip models trained with GELU (e.g. LAION ``ViT-B-16``).
+    open_clip models trained with GELU (e.g. LAION ``ViT-B-16``). ``trust_torchscript``: load a
+    TorchScript archive (it carries code; refused with :class:`UnsafePickleError` otherwise).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: CLIP checkpoint not found (teacher.checkpoint); download it yourself, e.g. "
                                "OpenAI ViT-B-16.pt or open_clip's ViT-B-16 open_clip_pytorch_model.bin")
-    state = _read_state(path)
+    state = _read_state(path, trust_torchscript)
     if any(k.startswith("visual.") for k in state):
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     elif "patch_embed.proj.weight" in state:

@@ -2,7 +2,8 @@
 later keeps the promise. Refused: ``torch.load`` / ``load_from_checkpoint`` without
 ``weights_only=True``, ``pickle.load(s)`` / ``pickle.Unpickler`` outside the restricted unpickler,
 ``yaml.load`` / ``yaml.unsafe_load`` / ``yaml.full_load``, ``np.load(..., allow_pickle=True)``,
-and the builtins ``eval`` / ``exec``."""
+``torch.jit.load`` outside the one place that requires ``trust_torchscript=True``, and the builtins
+``eval`` / ``exec``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("datasets", "geometry", "graphs", "medical", "pipelines", "science", "benchmarks")
 ALLOWED_PICKLE = {Path("datasets/safe_pickle.py")}
+# TorchScript archives carry code: loaded in one place, behind an explicit trust_torchscript=True.
+ALLOWED_JIT_LOAD = {Path("geometry/i2pmae/teacher.py")}
 
 
 def _sources() -> list[Path]:
@@ -50,6 +53,8 @@ def violations(path: Path, rel: Path) -> list[str]:
             found.append(f"{where}: {name} (use yaml.safe_load)")
         elif name in ("np.load", "numpy.load") and _kw_true(node, "allow_pickle"):
             found.append(f"{where}: np.load(allow_pickle=True)")
+        elif name == "torch.jit.load" and rel not in ALLOWED_JIT_LOAD:
+            found.append(f"{where}: torch.jit.load (TorchScript carries code)")
         elif isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
             found.append(f"{where}: builtin {node.func.id}()")
     return found
@@ -70,6 +75,7 @@ def test_package_source_has_no_unsafe_loading():
     ("import numpy as np\nnp.load('a', allow_pickle=True)", "allow_pickle"),
     ("eval('1')", "eval"),
     ("M.load_from_checkpoint('a')", "load_from_checkpoint"),
+    ("import torch\ntorch.jit.load('a')", "torch.jit.load"),
 ])
 def test_the_scan_catches_each_pattern(tmp_path, snippet, expected):
     probe = tmp_path / "probe.py"

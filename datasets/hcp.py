@@ -16,8 +16,8 @@ Any entry of ``layout`` overrides the default; ``moving_mask``, ``moving_label``
 ones (``moving``, and ``fixed`` or ``dwi`` + ``bvals``) raise :class:`MissingFileError` naming the
 pattern. A pattern matching several files raises.
 
-Instead of a layout, ``pairs_file`` lists pairs, one per line (``#`` starts a comment; paths relative
-to ``root``)::
+Instead of a layout, ``pairs_file`` lists pairs, one per line (UTF-8; ``#`` starts a comment; paths
+relative to ``root``, never absolute or through ``..``: the file may come with a download)::
 
     <subject>                           resolved with the layout
     <moving.nii.gz> <fixed.nii.gz>      a 3-D fixed image
@@ -43,7 +43,7 @@ import glob
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,8 @@ def read_bvecs(path: str | os.PathLike, n: int) -> np.ndarray:
         arr = np.array(rows, dtype=np.float64)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{p}: bvecs must be rows of numbers ({exc})") from exc
+    if not np.isfinite(arr).all():
+        raise DataFormatError(f"{p}: bvecs hold NaN/inf values")
     if arr.shape == (3, n):
         return arr.T
     if arr.shape == (n, 3):
@@ -105,11 +107,15 @@ def read_bvecs(path: str | os.PathLike, n: int) -> np.ndarray:
 
 
 def read_mean_b0(dwi_path: str | os.PathLike, bvals_path: str | os.PathLike, b0_threshold: float = 50.0,
-                 bvecs_path: str | os.PathLike | None = None, canonical: bool = True) -> dict[str, Any]:
+                 bvecs_path: str | os.PathLike | None = None, canonical: bool = True,
+                 max_volume_bytes: int = 1 << 30) -> dict[str, Any]:
     """Mean of the b≈0 volumes of a 4-D DWI series.
 
     Only the volumes with ``bval <= b0_threshold`` (s/mm²) are read, one after the other, so a 4 GB
-    HCP series is never held in memory.
+    HCP series is never held in memory. A header declaring 3-D volumes over ``max_volume_bytes``
+    (float64, the accumulator's size; an HCP volume is about 30 MB) or, for ``.nii``, more data than
+    the file holds, a non-finite or singular affine, or non-real voxels raise :class:`DataFormatError`
+    before any volume is read.
 
     Returns:
         ``image`` (1, D, H, W) float32, ``affine`` (4, 4) float64 mm (closest RAS+ when
@@ -125,10 +131,25 @@ def read_mean_b0(dwi_path: str | os.PathLike, bvals_path: str | os.PathLike, b0_
     try:
         img = nib.load(p, keep_file_open=True)
         shape = tuple(int(s) for s in img.shape)
+        dtype = np.dtype(img.get_data_dtype())
+        offset = int(img.dataobj.offset)
+        affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for a damaged header
         raise DataFormatError(f"{p}: not a readable NIfTI header ({type(exc).__name__}: {exc})") from exc
-    if len(shape) != 4:
+    if len(shape) != 4 or min(shape) < 1:
         raise DataFormatError(f"{p}: DWI has shape {shape}; expected 4-D (i, j, k, volume)")
+    if dtype.kind not in "biuf":
+        raise DataFormatError(f"{p}: voxel dtype {dtype} is not supported (expected integer or float)")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataFormatError(f"{p}: affine is non-finite or singular:\n{affine}")
+    voxels = int(np.prod(shape[:3], dtype=object))
+    if voxels * 8 > max_volume_bytes:
+        raise DataFormatError(f"{p}: header declares {shape[:3]} volumes = {voxels * 8} bytes as float64, "
+                              f"over max_volume_bytes={max_volume_bytes}")
+    need = offset + voxels * int(np.prod(shape[3:], dtype=object)) * dtype.itemsize
+    if not p.name.lower().endswith(".gz") and p.stat().st_size < need:  # .nii.gz: a short read raises below
+        raise DataFormatError(f"{p}: header declares {shape} {dtype} = {need - offset} data bytes after offset "
+                              f"{offset}, but the file has {p.stat().st_size} bytes (truncated)")
     if shape[3] != bvals.size:
         raise DataFormatError(f"{p}: {shape[3]} volumes but {bvals_path} lists {bvals.size} b-values")
     if bvecs_path is not None:
@@ -148,7 +169,6 @@ def read_mean_b0(dwi_path: str | os.PathLike, bvals_path: str | os.PathLike, b0_
     mean = total / idx.size
     if not np.isfinite(mean).all():
         raise DataFormatError(f"{p}: b0 volumes hold NaN/inf voxels")
-    affine = np.asarray(img.affine, dtype=np.float64)
     if canonical:
         out = nib.as_closest_canonical(nib.Nifti1Image(mean.astype(np.float32), affine))
         mean, affine = np.asarray(out.dataobj), np.asarray(out.affine, dtype=np.float64)
@@ -251,18 +271,28 @@ class HCPRegistration(Dataset):
         p = p if p.is_absolute() else self.root / p
         if not p.is_file():
             raise MissingFileError(f"{p}: pairs file not found")
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"{p}: pairs file is not UTF-8 text ({exc})") from exc
         pairs = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             tokens = line.split("#", 1)[0].split()
             if not tokens:
                 continue
+            for t in tokens:  # a listed path stays under the root, like an MSD dataset.json entry
+                if any(f.is_absolute() or f.anchor or ".." in f.parts for f in (PurePosixPath(t), PureWindowsPath(t))):
+                    raise DataFormatError(f"{p}:{n}: {t!r} leaves the root {self.root}; expected a path relative to it "
+                                          "without '..'")
             if len(tokens) == 1:
+                if len(PurePosixPath(tokens[0]).parts) != 1 or "\\" in tokens[0]:
+                    raise DataFormatError(f"{p}:{n}: subject {tokens[0]!r} must be one folder name")
                 pairs.append(self._subject_files(tokens[0]))
                 continue
             if len(tokens) not in (2, 3):
                 raise DataFormatError(f"{p}:{n}: expected '<subject>', '<moving> <fixed>' or '<moving> <dwi> <bvals>', "
                                       f"got {len(tokens)} fields")
-            paths = [Path(t) if Path(t).is_absolute() else self.root / t for t in tokens]
+            paths = [self.root / t for t in tokens]
             for q in paths:
                 if not q.is_file():
                     raise MissingFileError(f"{p}:{n}: {q} not found")

@@ -664,6 +664,278 @@ def test_fuzz_qm9_structures_csv(damage):
         assert m["numbers"].shape[0] == m["positions"].shape[0] > 0 and np.isfinite(m["positions"]).all()
 
 
+# ------------------------------------------------------------------- SemanticKITTI .bin and .label
+# The published format (Behley et al., ICCV 2019; the KITTI devkit): a scan is little-endian float32
+# records x, y, z, remission (16 bytes a point, no header, so the point count comes from the size); a
+# label file is one little-endian uint32 per point, semantic id in the low 16 bits, instance in the high 16.
+KITTI_POINTS = np.array([[1.5, -2.0, 0.25, 0.1], [10.0, 3.0, -1.5, 0.9], [-4.0, 0.5, 2.0, 0.0],
+                         [0.0, 0.0, -1.7, 1.0], [30.25, -12.5, 0.75, 0.5]], np.float32)
+# raw semantic id -> threefold class, from the official learning_map (learning id - 1; 0 -> -1):
+# 0 unlabeled, 1 outlier, 10 car, 40 road, 70 vegetation, 99 other-object, 252 moving-car, 81 traffic-sign
+KITTI_RAW = np.array([10, 40, 0, 252, 70], np.uint32)
+KITTI_CLASSES = np.array([0, 8, -1, 0, 14])
+KITTI_MORE = {1: -1, 99: -1, 81: 18, 11: 1, 254: 5}
+KITTI_SCAN_FORGERIES = ["none", "nan", "inf", "remission_nan", "float64", "three_columns"]
+
+
+def _kitti_scan_bytes(forge: str) -> bytes:
+    pts = KITTI_POINTS.copy()
+    if forge == "nan":
+        pts[2, 1] = np.nan
+    elif forge == "inf":
+        pts[4, 0] = -np.inf
+    elif forge == "remission_nan":
+        pts[1, 3] = np.nan
+    elif forge == "float64":  # a scan saved as float64: 32 bytes a point, a multiple of 16
+        return pts.astype("<f8").tobytes()
+    elif forge == "three_columns":  # x, y, z only: 60 bytes, not a multiple of 16
+        return pts[:, :3].astype("<f4").tobytes()
+    return pts.astype("<f4").tobytes()
+
+
+@FUZZ
+@given(forge=st.sampled_from(KITTI_SCAN_FORGERIES), damage=BYTE_DAMAGE)
+def test_fuzz_semantickitti_scan(forge, damage):
+    from threefold.datasets.semantickitti import read_scan
+
+    data = damage_bytes(_kitti_scan_bytes(forge), damage)
+    got = outcome(lambda d: read_scan(d / "000000.bin"), {"000000.bin": data})
+    if damage[0] == "none" and forge == "none":
+        assert got is not None
+        assert np.array_equal(got["coord"], KITTI_POINTS[:, :3]) and np.array_equal(got["remission"], KITTI_POINTS[:, 3])
+    if len(data) % 16 or not data or (damage[0] == "none" and forge in ("nan", "inf", "remission_nan")):
+        assert got is None, "an empty scan, a partial record or a NaN/inf value was accepted"
+    if got is not None:
+        n = len(data) // 16  # the file's size decides the count: a whole-record truncation is a smaller scan
+        assert got["coord"].dtype == np.float32 and got["coord"].shape == (n, 3) and got["remission"].shape == (n,)
+        assert np.isfinite(got["coord"]).all() and np.isfinite(got["remission"]).all()
+
+
+@FUZZ
+@given(damage=BYTE_DAMAGE, instance=st.integers(0, 0xFFFF), extra=st.sampled_from([None, *sorted(KITTI_MORE), 2, 9, 300, 0xFFFF]))
+def test_fuzz_semantickitti_labels(damage, instance, extra):
+    from threefold.datasets.semantickitti import read_labels
+
+    raw = KITTI_RAW.copy()
+    truth = KITTI_CLASSES.copy()
+    if extra is not None:
+        raw[1] = extra
+        truth[1] = KITTI_MORE.get(extra, -99)  # -99: not an official id, must be refused
+    words = (raw | np.uint32(instance << 16)).astype("<u4")
+    data = damage_bytes(words.tobytes(), damage)
+    got = outcome(lambda d: read_labels(d / "000000.label", len(raw)), {"000000.label": data})
+    if damage[0] == "none":
+        if (truth == -99).any():
+            assert got is None, f"raw id {extra} is not in the official learning map but was accepted"
+        else:
+            assert got is not None and np.array_equal(got, truth), "instance bits leaked into the class"
+    if len(data) != 4 * len(raw):
+        assert got is None, "a label file whose count differs from the scan's was accepted"
+    if got is not None:
+        assert got.dtype == np.int64 and got.shape == (len(raw),) and got.min() >= -1 and got.max() <= 18
+
+
+def test_semantickitti_dataset_label_count_mismatch(tmp_path):
+    """A scan and a label file of different lengths, read through the dataset: refused, naming the label file."""
+    from threefold.datasets.errors import DataFormatError
+    from threefold.datasets.semantickitti import SemanticKITTI
+
+    seq = tmp_path / "sequences" / "08"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    (seq / "velodyne" / "000000.bin").write_bytes(KITTI_POINTS.tobytes())
+    (seq / "labels" / "000000.label").write_bytes(KITTI_RAW[:4].astype("<u4").tobytes())
+    with pytest.raises(DataFormatError, match="000000.label"):
+        SemanticKITTI(tmp_path, "val")[0]
+
+
+# ----------------------------------------------------------------- HCP: FSL bvals / bvecs, mean b0
+# FSL's formats (FDT user guide): bvals, whitespace-separated b-values in s/mm^2, one per volume; bvecs,
+# 3 rows of N whitespace-separated direction components. The DWI is a 4-D NIfTI (i, j, k, volume),
+# written here with nibabel directly.
+HCP_BVALS = np.array([1000.0, 5.0, 2000.0, 0.0, 995.0, 10.0])  # b0 volumes: 1, 3, 5
+HCP_BVALS_TXT = " ".join(f"{b:g}" for b in HCP_BVALS) + "\n"
+HCP_BVECS = np.array([[1.0, 0.0, 0.0, 0.0, 0.6, 0.0], [0.0, 0.0, 1.0, 0.0, 0.8, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+HCP_BVECS_TXT = "\n".join(" ".join(f"{x:g}" for x in row) for row in HCP_BVECS) + "\n"
+HCP_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])  # RAS+ already: canonical reorientation is the identity
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE)
+def test_fuzz_hcp_bvals(damage):
+    from threefold.datasets.hcp import read_bvals
+
+    got = outcome(lambda d: read_bvals(d / "bvals"), {"bvals": damage_text(HCP_BVALS_TXT, damage)})
+    if damage[0] == "none":
+        assert got is not None and np.array_equal(got, HCP_BVALS)
+    if damage[0] == "token" and damage[2] in ("nan", "inf", "-inf", "-1", "1e309", "x", "\xff", ",", "'", '"', "\x00"):
+        assert got is None, f"b-value {damage[2]!r} was accepted"
+    if got is not None:
+        assert got.dtype == np.float64 and got.ndim == 1 and got.size > 0 and np.isfinite(got).all() and (got >= 0).all()
+
+
+@FUZZ
+@given(damage=TEXT_DAMAGE, transposed=st.booleans())
+def test_fuzz_hcp_bvecs(damage, transposed):
+    from threefold.datasets.hcp import read_bvecs
+
+    text = HCP_BVECS_TXT if not transposed else "\n".join(" ".join(f"{x:g}" for x in r) for r in HCP_BVECS.T) + "\n"
+    data = damage_text(text, damage)
+    got = outcome(lambda d: read_bvecs(d / "bvecs", 6), {"bvecs": data})
+    if damage[0] == "none":
+        assert got is not None and np.array_equal(got, HCP_BVECS.T)
+    rows = [line for line in data.split(b"\n") if line.strip()]
+    if len(rows) != (6 if transposed else 3) or (damage[0] == "token" and damage[2] in ("nan", "inf", "-inf", "1e309", "x", "")):
+        assert got is None, "a bvecs file of the wrong shape or with a non-finite value was accepted"
+    if got is not None:
+        assert got.shape == (6, 3) and np.isfinite(got).all()
+
+
+def _dwi_bytes(forge: str, gz: bool) -> tuple[bytes, np.ndarray]:
+    """A (6, 5, 4, 6) float32 DWI as nibabel writes it, and the mean of its b0 volumes (1, 3, 5)."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(3)
+    dwi = rng.random((6, 5, 4, 6)).astype(np.float32) * 100
+    affine = HCP_AFFINE.copy()
+    if forge == "nan":
+        dwi[2, 1, 0, 3] = np.nan
+    elif forge == "nan_in_dwi_volume":  # a diffusion-weighted (not b0) volume: never read, never averaged
+        dwi[2, 1, 0, 2] = np.nan
+    elif forge == "3d":
+        dwi = dwi[..., 1]
+    elif forge == "5_volumes":
+        dwi = dwi[..., :5]
+    elif forge == "nan_affine":
+        affine[0, 3] = np.nan
+    elif forge == "singular_affine":
+        affine[2, 2] = 0.0
+    elif forge == "complex":
+        dwi = dwi.astype(np.complex64)
+    elif forge == "int16":
+        dwi = np.round(dwi).astype(np.int16)
+    img = nib.Nifti1Image(dwi, None)  # qform unset: nibabel cannot decompose a NaN or singular affine into one
+    img.set_sform(affine, code=1)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / ("dwi.nii.gz" if gz else "dwi.nii")
+        nib.save(img, path)
+        data = path.read_bytes()
+    mean = dwi[..., [1, 3, 5]].real.astype(np.float64).mean(axis=-1) if dwi.shape[3:] == (6,) else None
+    return data, mean
+
+
+DWI_FORGERIES = ["none", "none", "nan", "nan_in_dwi_volume", "3d", "5_volumes", "nan_affine", "singular_affine",
+                 "complex", "int16"]
+
+
+@FUZZ
+@given(forge=st.sampled_from(DWI_FORGERIES), gz=st.booleans(), dwi_damage=BYTE_DAMAGE, bvals_damage=TEXT_DAMAGE)
+def test_fuzz_hcp_mean_b0(forge, gz, dwi_damage, bvals_damage):
+    from threefold.datasets.hcp import read_mean_b0
+
+    data, mean = _dwi_bytes(forge, gz)
+    name = "dwi.nii.gz" if gz else "dwi.nii"
+    files = {name: damage_bytes(data, dwi_damage), "bvals": damage_text(HCP_BVALS_TXT, bvals_damage),
+             "bvecs": HCP_BVECS_TXT.encode()}
+    got = outcome(lambda d: read_mean_b0(d / name, d / "bvals", bvecs_path=d / "bvecs"), files)
+    clean = dwi_damage[0] == "none" and bvals_damage[0] == "none"
+    if clean and forge in ("none", "nan_in_dwi_volume", "int16"):
+        assert got is not None and got["b0_indices"].tolist() == [1, 3, 5]
+        assert np.allclose(got["image"][0].numpy(), mean, rtol=1e-6) and np.allclose(got["affine"].numpy(), HCP_AFFINE)
+    if clean and forge in ("nan", "3d", "5_volumes", "nan_affine", "singular_affine", "complex"):
+        assert got is None, f"a DWI forged as {forge!r} was accepted"
+    if dwi_damage[0] in ("empty", "truncate") and not gz and forge != "3d":
+        assert got is None, "a truncated DWI was accepted"
+    if got is not None:
+        img = got["image"]
+        assert img.dtype == torch.float32 and img.ndim == 4 and img.shape[0] == 1 and torch.isfinite(img).all()
+        assert torch.isfinite(got["affine"]).all() and abs(torch.linalg.det(got["affine"][:3, :3])) > 1e-9
+        assert got["b0_indices"].numel() > 0
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("forge", ["3d", "5_volumes", "nan", "nan_affine", "singular_affine", "complex"])
+def test_hcp_dwi_forgeries_refused(forge, gz):
+    """Every DWI forgery, clean otherwise, in both containers (the fuzz test above samples them)."""
+    from threefold.datasets.hcp import read_mean_b0
+
+    name = "dwi.nii.gz" if gz else "dwi.nii"
+    files = {name: _dwi_bytes(forge, gz)[0], "bvals": HCP_BVALS_TXT.encode()}
+    assert outcome(lambda d: read_mean_b0(d / name, d / "bvals"), files) is None
+
+
+@pytest.mark.parametrize(("bvals", "bvecs"), [
+    ("nan 5 2000 0 995 10", None), ("1000 5 2000 -1 995 10", None), ("1000 5 2000 0 995", None),
+    ("1000 5 2000 0 995 10 5", None), ("1000 5 2000 0 995 \xff", None), ("", None), (" \n\n", None),
+    ("1000 5 2000 0 995 1e309", None), (None, "1 0 0 0 0.6 0\n0 0 1 0 0.8 0\n"), (None, "1 0\n0 0\n0 1\n"),
+    (None, "1 0 0 0 0.6 0\n0 0 1 0 0.8\n0 0 0 0 0 0\n"), (None, ""), (None, "\xff"),
+])
+def test_hcp_bad_bvals_or_bvecs_for_a_dwi(bvals, bvecs):
+    """Each named case through ``read_mean_b0``: NaN / negative / inf b-values, a count other than the
+    DWI's 4th dimension (6), non-UTF-8, empty; bvecs of the wrong shape, ragged, empty, non-UTF-8."""
+    from threefold.datasets.hcp import read_mean_b0
+
+    data, _ = _dwi_bytes("none", gz=False)
+    enc = lambda t: t.encode("utf-8").replace("\xff".encode(), b"\xff")
+    files = {"dwi.nii": data, "bvals": enc(bvals if bvals is not None else HCP_BVALS_TXT),
+             "bvecs": enc(bvecs if bvecs is not None else HCP_BVECS_TXT)}
+    assert outcome(lambda d: read_mean_b0(d / "dwi.nii", d / "bvals", bvecs_path=d / "bvecs"), files) is None
+
+
+# ------------------------------------------------------------------------------- HCP pairs file
+PAIRS_TXT = ("# subject, moving + dwi + bvals, moving + 3-D fixed\n"
+             "s0\n"
+             "s1/t1.nii.gz s1/dwi.nii.gz s1/bvals\n"
+             "s2/t1.nii.gz s2/b0.nii.gz  # a comment\n")
+PAIRS_TOKENS = TOKENS + ["..", "../outside/t1.nii.gz", "s1/../../outside/t1.nii.gz", "/etc/passwd", "s1/nope.nii.gz",
+                         "s*", "~/t1.nii.gz", "C:\\t1.nii.gz"]
+
+
+def _pairs(folder: Path) -> list[dict]:
+    """The layout a pairs file points into: subject s0 in the HCP layout, s1 / s2 as loose files, and a
+    file beside the root (``../outside``) that no line may reach. Files are empty: listing pairs reads none."""
+    from threefold.datasets.hcp import HCPRegistration
+
+    root = folder / "root"
+    for rel in ("s0/T1w/T1w_acpc_dc_restore_brain.nii.gz", "s0/T1w/Diffusion/data.nii.gz", "s0/T1w/Diffusion/bvals",
+                "s1/t1.nii.gz", "s1/dwi.nii.gz", "s1/bvals", "s2/t1.nii.gz", "s2/b0.nii.gz"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    (folder / "outside").mkdir()
+    (folder / "outside" / "t1.nii.gz").write_bytes(b"")
+    (folder / "pairs.txt").rename(root / "pairs.txt")
+    pairs = HCPRegistration(root, size=32, split=None, pairs_file="pairs.txt").pairs
+    for pair in pairs:  # checked here, while the folder exists
+        for key, path in pair.items():
+            if key != "subject":
+                assert path.is_file() and ".." not in path.parts and "outside" not in path.parts, \
+                    f"a pairs-file path left the root: {path}"
+    return pairs
+
+
+@FUZZ
+@given(damage=st.one_of(TEXT_DAMAGE, st.tuples(st.sampled_from(["token", "char"]), st.floats(0.0, 1.0, exclude_max=True),
+                                                 st.sampled_from(PAIRS_TOKENS))))
+def test_fuzz_hcp_pairs_file(damage):
+    got = outcome(_pairs, {"pairs.txt": damage_text(PAIRS_TXT, damage)})
+    if damage[0] == "none":
+        assert got is not None and [p["subject"] for p in got] == ["s0", "0003-t1", "0004-t1"]
+        assert got[1]["bvals"].name == "bvals" and got[2]["fixed"].name == "b0.nii.gz"
+
+
+@pytest.mark.parametrize("line", ["../outside/t1.nii.gz s2/b0.nii.gz", "s2/t1.nii.gz ../outside/t1.nii.gz",
+                                  "s1/../../outside/t1.nii.gz s2/b0.nii.gz", "OUTSIDE s2/b0.nii.gz", "..", "../outside",
+                                  "s2/t1.nii.gz s2/missing.nii.gz", "s0 s1 s2 s3", "\xff", "s2/t1.nii.gz s2/b0.nii.gz \xff"])
+def test_hcp_pairs_file_bad_lines(line):
+    """Each line alone is refused with a threefold error: paths leaving the root (``..``, absolute), a
+    missing file, too many fields, a non-UTF-8 byte."""
+    def read(folder: Path):
+        text = line.replace("OUTSIDE", str(folder / "outside" / "t1.nii.gz"))
+        (folder / "pairs.txt").write_bytes(text.encode("utf-8").replace("\xff".encode(), b"\xff"))
+        return _pairs(folder)
+
+    assert outcome(read, {"pairs.txt": b""}) is None
+
+
 # ------------------------------------------------------------------------- known bugs, minimal inputs
 def _planetoid_bad_csr_in_child() -> None:
     """A csr feature matrix whose column index lies far outside its shape, loaded in a child process
@@ -781,6 +1053,22 @@ def _mesh(name: str, old: str, new: str) -> Callable[[], None]:
     return check
 
 
+def _hcp_dwi(forge: str) -> Callable[[], None]:
+    def check() -> None:
+        from threefold.datasets.hcp import read_mean_b0
+
+        data, _ = _dwi_bytes(forge, gz=False)
+        files = {"dwi.nii": data, "bvals": HCP_BVALS_TXT.encode()}
+        assert outcome(lambda d: read_mean_b0(d / "dwi.nii", d / "bvals"), files) is None
+    return check
+
+
+def _hcp_bvecs_nan() -> None:
+    from threefold.datasets.hcp import read_bvecs
+
+    assert outcome(lambda d: read_bvecs(d / "bvecs", 6), {"bvecs": HCP_BVECS_TXT.replace("1", "nan", 1).encode()}) is None
+
+
 KNOWN_BUGS = {
     "planetoid-csr-indices": (_planetoid_bad_csr_in_child, "csr with an out-of-range column index: heap "
                               "corruption in scipy toarray() (validate with check_format(full_check=True) first)"),
@@ -817,6 +1105,10 @@ KNOWN_BUGS = {
     "mesh-off-bad-index": (_mesh("m.off", "3 0 2 1", "3 0 2 99"), "ValueError from trimesh escapes"),
     "mesh-off-huge-count": (_mesh("m.off", "4 4 0", f"{HUGE} 4 0"), "ValueError from trimesh escapes"),
     "mesh-obj-bad-index": (_mesh("m.obj", "f 1 3 2", "f 1 3 99"), "IndexError from trimesh escapes"),
+    "hcp-dwi-nan-affine": (_hcp_dwi("nan_affine"), "a NaN sform accepted: a mean b0 with a NaN affine"),
+    "hcp-dwi-singular-affine": (_hcp_dwi("singular_affine"), "HeaderDataError from as_closest_canonical escapes"),
+    "hcp-dwi-complex": (_hcp_dwi("complex"), "complex voxels accepted, the imaginary part silently dropped"),
+    "hcp-bvecs-nan": (_hcp_bvecs_nan, "NaN gradient direction accepted"),
 }
 
 

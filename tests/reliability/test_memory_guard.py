@@ -9,6 +9,7 @@ pages were never touched). Contract: a :class:`ThreefoldError`, and a traced pea
 
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
 import struct
@@ -64,15 +65,14 @@ def _pcd(tmp: Path) -> Callable[[], object]:
     return lambda: read_pcd(tmp / "a.pcd")
 
 
-def _nifti(tmp: Path) -> Callable[[], object]:
-    pytest.importorskip("nibabel")
-    from threefold.datasets.volumes import read_nifti
-
+def _nifti1(dims: tuple[int, ...]) -> bytes:
+    """A NIfTI-1 single-file header for float32 voxels of shape ``dims``, identity sform, and 1000
+    zero voxels: far fewer than declared."""
     # NIfTI-1 header (348 bytes): sizeof_hdr, dim[8] int16 at 40, datatype int16 at 70 (16 = float32),
     # bitpix at 72, pixdim[8] float32 at 76, vox_offset float32 at 108, magic "n+1\0" at 344
     hdr = bytearray(348)
     struct.pack_into("<i", hdr, 0, 348)
-    struct.pack_into("<8h", hdr, 40, 3, 2000, 2000, 2000, 1, 1, 1, 1)
+    struct.pack_into("<8h", hdr, 40, len(dims), *dims, *(1,) * (7 - len(dims)))
     struct.pack_into("<hh", hdr, 70, 16, 32)
     struct.pack_into("<8f", hdr, 76, 1, 1, 1, 1, 1, 1, 1, 1)
     struct.pack_into("<f", hdr, 108, 352.0)
@@ -81,8 +81,29 @@ def _nifti(tmp: Path) -> Callable[[], object]:
     struct.pack_into("<4f", hdr, 296, 0, 1, 0, 0)
     struct.pack_into("<4f", hdr, 312, 0, 0, 1, 0)
     hdr[344:348] = b"n+1\0"
-    (tmp / "a.nii").write_bytes(bytes(hdr) + b"\0" * 4 + np.zeros(1000, "<f4").tobytes())
+    return bytes(hdr) + b"\0" * 4 + np.zeros(1000, "<f4").tobytes()
+
+
+def _nifti(tmp: Path) -> Callable[[], object]:
+    pytest.importorskip("nibabel")
+    from threefold.datasets.volumes import read_nifti
+
+    (tmp / "a.nii").write_bytes(_nifti1((2000, 2000, 2000)))
     return lambda: read_nifti(tmp / "a.nii")
+
+
+def _dwi(name: str, dims: tuple[int, int, int, int]) -> Callable[[Path], Callable[[], object]]:
+    """A 4-D DWI with two b0 volumes (FSL bvals "0 5"): ``read_mean_b0`` reads only those, but its
+    float64 accumulator is sized by the header's first three dimensions."""
+    def forge(tmp: Path) -> Callable[[], object]:
+        pytest.importorskip("nibabel")
+        from threefold.datasets.hcp import read_mean_b0
+
+        data = _nifti1(dims)
+        (tmp / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        (tmp / "bvals").write_text("0 5\n")
+        return lambda: read_mean_b0(tmp / name, tmp / "bvals")
+    return forge
 
 
 def _tu(tmp: Path) -> Callable[[], object]:
@@ -165,6 +186,10 @@ def _shapenet_npy(tmp: Path) -> Callable[[], object]:
     pytest.param(_ply, id="ply-vertex-count"),
     pytest.param(_pcd, id="pcd-points"),
     pytest.param(_nifti, id="nifti-dims"),
+    # 27 GB a volume declared: over read_mean_b0's max_volume_bytes
+    pytest.param(_dwi("dwi.nii.gz", (1500, 1500, 1500, 2)), id="hcp-dwi-volume-dims"),
+    # 512 MB a volume (under the cap) in a 4 kB .nii: refused from the file size
+    pytest.param(_dwi("dwi.nii", (400, 400, 400, 2)), id="hcp-dwi-truncated-nii"),
     pytest.param(_tu, id="tu-node-label"),
     pytest.param(_planetoid_test_index, id="planetoid-test-index"),
     pytest.param(_planetoid_csr_shape, id="planetoid-csr-shape"),

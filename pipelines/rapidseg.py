@@ -514,9 +514,11 @@ class _RapidSegPipeline(Pipeline):
         (:func:`~threefold.pipelines.figures_lidar.plot_lidar_views`), read back from the submission
         files the evaluation wrote (no second forward pass; nothing more when there are none)."""
         from threefold.datasets.semantickitti import read_labels, semantickitti_config
+        from threefold.pipelines.figures import default_figures
         from threefold.pipelines.figures_lidar import plot_lidar_views
 
-        paths = super().figures(cfg, run_dir, metrics)
+        # only the IoU family is per class (metrics also hold the autoencoder's "ae/<loss>" terms)
+        paths = default_figures(run_dir, {k: v for k, v in metrics.items() if k.startswith("IoU/")})
         data = run_dir / "data_path.txt"  # written by `threefold run --data`; else the embedded sample
         root = Path(data.read_text().strip()) if data.is_file() else run_dir / "data"
         if not root.is_dir():

@@ -1,5 +1,10 @@
 """brats-multilevel / -softmax / -sigmoid end to end on the embedded phantoms (small budget, looser
-thresholds than the documented run), prediction files, patch sampling and the threshold baseline."""
+thresholds than the documented run), prediction files, patch sampling and the threshold baseline.
+
+Figures (issue #11): the three pipelines share ``_BratsPipeline.figures``; each run here checks with
+:func:`check_brats_figures` that the slice with WT / TC / ET contours and the Dice / HD95 bars exist,
+decode, have the documented size, are not blank, that the bars' caption carries metrics.json's values
+and that report.md links every PNG."""
 
 from __future__ import annotations
 
@@ -37,6 +42,34 @@ def _run(tmp_path: Path, pipeline: str, extra: list[str]) -> Path:
     return run
 
 
+def check_brats_figures(run: Path, metrics: dict) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from threefold.pipelines.figures import png_caption
+
+    # 100 dpi: slice 9 x 3.2 in; bars: 2 families (Dice, HD95) x max(4, 0.45 * 3 + 1.5) in x 3.6 in
+    expected = {"slice_case0.png": (320, 900), "per_class.png": (360, 800)}
+    figs = run / "figures"
+    names = sorted(p.name for p in figs.glob("*.png"))
+    assert [n for n in names if n != "curves.png"] == sorted(expected)
+    report = (run / "report.md").read_text()
+    for name in names:
+        img = imread(figs / name)
+        if name == "curves.png":  # 400 x 320 px per logged metric family
+            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
+        else:
+            assert img.shape[:2] == expected[name], (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+        assert f"(figures/{name})" in report
+    caption = png_caption(figs / "per_class.png")
+    for region in ("WT", "TC", "ET"):
+        assert f"{region} {metrics[f'Dice/{region}']:.3f}" in caption, (region, caption)
+    slice_caption = png_caption(figs / "slice_case0.png")
+    assert "WT green, TC orange, ET red" in slice_caption
+
+
 @pytest.mark.slow
 def test_multilevel_trains_nested_and_writes_submission(tmp_path):
     torch.set_num_threads(1)
@@ -59,6 +92,8 @@ def test_multilevel_trains_nested_and_writes_submission(tmp_path):
     for region in ("TC", "ET"):
         assert dices[region] > metrics[f"threshold_baseline/Dice/{region}/mean"] + 0.1
     assert metrics["threshold_baseline/nesting_violations/total"] > 0  # the baseline is not nested
+    check_brats_figures(run, metrics)
+    assert (run / "figures" / "curves.png").is_file()
 
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.load(ckpt, weights_only=True)
@@ -99,6 +134,7 @@ def test_baseline_pipelines_report_nesting(tmp_path, pipeline):
     assert "nesting_violations/total" in metrics and "Dice/ET/median" in metrics
     if pipeline == "brats-softmax":  # one class per voxel: nested by construction
         assert metrics["nesting_violations/total"] == 0
+    check_brats_figures(run, metrics)
 
 
 def test_head_is_fixed_by_pipeline(tmp_path, capsys):

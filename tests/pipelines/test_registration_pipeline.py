@@ -1,5 +1,10 @@
 """hcp-nestedmorph / hcp-voxelmorph / hcp-classical end to end on 32³ phantoms (small budget), and
-the registration metrics against independent references (scikit-learn, brute force, analytic)."""
+the registration metrics against independent references (scikit-learn, brute force, analytic).
+
+Figures (issue #11): each of the three runs checks, with :func:`check_registration_figures`, the four
+figures of the first test pair (``_RegistrationPipeline.figures``, shared by the three): they exist,
+decode, have the documented size, are not blank, the Jacobian caption's folding percentage is the
+pair's row of pairs.csv, and report.md links each of them."""
 
 from __future__ import annotations
 
@@ -32,6 +37,36 @@ def _run(tmp_path: Path, pipeline: str, extra: list[str]) -> Path:
     return run
 
 
+def check_registration_figures(run: Path, curves: bool) -> None:
+    """The figures of a registration run (sizes at 100 dpi, see ``plot_registration``)."""
+    pytest.importorskip("matplotlib")
+    import re
+
+    from matplotlib.image import imread
+
+    from threefold.pipelines.figures import png_caption
+
+    expected = {"pair0_slices.png": (900, 900), "pair0_checkerboard.png": (600, 900), "pair0_grid.png": (500, 500),
+                "pair0_jacobian.png": (330, 980)}
+    figs = run / "figures"
+    names = sorted(p.name for p in figs.glob("*.png"))
+    assert [n for n in names if n != "curves.png"] == sorted(expected)
+    assert ("curves.png" in names) == curves
+    report = (run / "report.md").read_text()
+    for name in names:
+        img = imread(figs / name)
+        if name == "curves.png":  # 400 x 320 px per logged metric family
+            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
+        else:
+            assert img.shape[:2] == expected[name], (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+        assert f"(figures/{name})" in report and (run / "figures" / name).is_file()
+    first = next(csv.DictReader(open(run / "pairs.csv")))
+    m = re.search(r"voxels folded \(([0-9.]+) %\)", png_caption(figs / "pair0_jacobian.png"))
+    assert float(m.group(1)) == pytest.approx(float(first["folding%[J<=0]"]), abs=6e-4)
+
+
 @pytest.mark.slow
 def test_nestedmorph_pipeline_learns_and_reports(tmp_path):
     torch.set_num_threads(1)
@@ -52,8 +87,7 @@ def test_nestedmorph_pipeline_learns_and_reports(tmp_path):
                  "SDlogJ[positive]/mean", "SDlogJ[learn2reg]/mean", "HD95[paper:threshold=0.5,slicewise,vox]/mean"):
         assert math.isfinite(metrics[name]), name
     assert (run / "model.safetensors").is_file() or (run / "model.pt").is_file()
-    for figure in ("pair0_slices", "pair0_checkerboard", "pair0_grid", "pair0_jacobian"):
-        assert (run / "figures" / f"{figure}.png").is_file(), figure
+    check_registration_figures(run, curves=True)
     # the checkpoint loads back and reproduces the logged test result of the first pair
     from threefold.datasets.registration_phantoms import RegistrationPhantoms
     from threefold.pipelines.registry import get_pipeline
@@ -77,6 +111,7 @@ def test_voxelmorph_pipeline_runs_diffeomorphic(tmp_path):
     assert metrics["method"] == "voxelmorph" and metrics["diffeomorphic"] is True
     assert metrics["parameters"] < 1_000_000  # the vxm default UNet (~0.3 M)
     assert metrics["folding%[J<=0]/mean"] < 0.1
+    check_registration_figures(run, curves=True)
 
 
 @pytest.mark.slow
@@ -85,6 +120,7 @@ def test_classical_pipeline(tmp_path):
     run = _run(tmp_path, "hcp-classical", ["data.test_pairs=1", "classical.iterations=5"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_pairs"] == 1 and math.isfinite(metrics["EPE[vox,brain]/after/mean"])
+    check_registration_figures(run, curves=False)  # no training, no curves
 
 
 def test_config_errors(tmp_path, capsys):

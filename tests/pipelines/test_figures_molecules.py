@@ -1,6 +1,6 @@
 """Molecule and crystal figures (issue #11): the plotting functions on hand-made molecules, a crystal
-and token counts, and qm9-uni3dar / mp20-uni3dar on their embedded defaults (CI-size overrides)
-writing PNGs that exist, decode, have the documented size, are not blank, whose captions agree with
+and token counts, and qm9-uni3dar / geomdrugs-uni3dar / mp20-uni3dar on their embedded defaults
+(CI-size overrides) writing PNGs that exist, decode, have the documented size, are not blank, whose captions agree with
 metrics.json, and that the molecule grid is skipped with a note (not a failure) without RDKit."""
 
 from __future__ import annotations
@@ -144,6 +144,23 @@ def test_qm9_uni3dar_figures_and_missing_rdkit(tmp_path, monkeypatch, caplog):
         written = pipe.figures(cfg, run, metrics)
     assert sorted(p.name for p in written) == ["curves.png", "token_lengths.png"]
     assert "samples.png skipped" in caplog.text and "threefold[mol]" in caplog.text
+
+
+def test_geomdrugs_uni3dar_figures(tmp_path):
+    """geomdrugs-uni3dar shares ``_Uni3DARPipelineBase.figures`` with qm9-uni3dar; its own embedded default."""
+    pytest.importorskip("rdkit")
+    from threefold.pipelines.cli import main
+
+    overrides = ["limit_molecules=24", "heldout_fraction=0.25", "model.d_model=32", "model.layers=1", "model.heads=2",
+                 "trainer.max_epochs=2", "trainer.batch_size=6", "sample.num=6", "sample.batch_size=6",
+                 "sample.max_items=120", "trainer.accelerator=cpu"]  # fmt: skip
+    assert main(["run", "geomdrugs-uni3dar", *overrides, "--runs-dir", str(tmp_path)]) == 0
+    run = run_dir(tmp_path, "geomdrugs-uni3dar")
+    metrics = json.loads((run / "metrics.json").read_text())
+    check_pngs(run, {"curves.png": (0, 0), "token_lengths.png": (400, 600), "samples.png": (500, 1000)})
+    valid = int(re.search(r"(\d+) valid", png_caption(run / "figures" / "samples.png")).group(1))
+    assert valid == round(metrics["sampling"]["validity"] * 6)
+    assert "24 of 24 structures" in png_caption(run / "figures" / "token_lengths.png")
 
 
 def test_mp20_uni3dar_figures(tmp_path):

@@ -1,5 +1,7 @@
 """The four Point-MAE pipelines end to end on the embedded procedural sample (CI-size overrides):
-pretraining, its checkpoint loaded by path into the SVM and fine-tuning pipelines, errors."""
+pretraining, its checkpoint loaded by path into the SVM and fine-tuning pipelines, errors. The figures
+of pretraining, ModelNet40 fine-tuning and the SVM are checked in test_figures_points.py; the
+ScanObjectNN fine-tuning run here checks its own (same ``_FinetunePipeline.figures``)."""
 
 from __future__ import annotations
 
@@ -80,6 +82,28 @@ def test_svm_and_finetune_load_the_pretrained_checkpoint(pretrained, workdir, mo
     scan = run("scanobjectnn-pointmae-finetune", "trainer.max_epochs=1", "trainer.batch_size=8", "oversample=300")
     metrics = json.loads((scan / "metrics.json").read_text())
     assert metrics["encoder_tensors_loaded"] == 0 and 0 <= metrics["test_acc"] <= 1
+    # issue #11: per-class accuracy (15 classes) and confusion matrix, exist / decode / size / not blank / linked
+    pytest.importorskip("matplotlib")
+    import re
+
+    from matplotlib.image import imread
+
+    from threefold.pipelines.figures import png_caption
+
+    expected = {"per_class_accuracy.png": (360, int(100 * (0.45 * 15 + 1.5))), "confusion_matrix.png": (1000, 1000)}
+    figs, report = scan / "figures", (scan / "report.md").read_text()
+    assert sorted(p.name for p in figs.glob("*.png")) == sorted([*expected, "curves.png"])
+    for name in [*expected, "curves.png"]:
+        img = imread(figs / name)
+        if name == "curves.png":  # 400 x 320 px per logged metric family
+            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
+        else:
+            assert img.shape[:2] == expected[name], (name, img.shape)
+        gray = img[..., :3].mean(-1)
+        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
+        assert f"(figures/{name})" in report
+    overall = re.search(r"overall ([0-9.]+)", png_caption(figs / "per_class_accuracy.png"))
+    assert float(overall.group(1)) == pytest.approx(metrics["test_acc"], abs=1e-4)
 
 
 def test_bad_pretrained_paths_and_widths_are_reported(pretrained, workdir, monkeypatch, capsys):

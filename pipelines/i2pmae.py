@@ -344,9 +344,9 @@ class ShapeNetI2PMAEPretrain(Pipeline):
         """Curves, then for the first held-out test shape, from the final checkpoint: its three depth
         views (:func:`project_views`; the summed splatted depth recovered as ``logit`` of the
         de-normalised image) with the 2D-guided saliency (the teacher's [CLS] attention of each view
-        upsampled bicubically to 224², the map :func:`center_saliency` reads at the top-scale centres),
-        and masked input / reconstruction / ground truth at the target scale (mask of the held-out
-        generator, as ``test_cdl2``)."""
+        upsampled bicubically to 224², the map :func:`center_saliency` reads at the top-scale centres);
+        then masked input / reconstruction / ground truth at the target scale of the first test shape
+        of up to four categories (mask of the held-out generator, as ``test_cdl2``)."""
         from threefold.geometry.i2pmae.projection import IMAGENET_MEAN, IMAGENET_STD, project_views
         from threefold.pipelines.figures import figures_dir
         from threefold.pipelines.figures_points import plot_depth_views, plot_point_reconstructions
@@ -380,17 +380,30 @@ class ShapeNetI2PMAEPretrain(Pipeline):
                     f"teacher's [CLS] attention upsampled bicubically to {size}x{size} (the 2D-guided saliency; "
                     f"the mask keeps {visible_top} of {out['masks'][top].shape[1]} top-scale tokens visible, "
                     "drawn with softmax(saliency)).")
+        # reconstructions: the first test shape of up to four categories (Point-MAE's figure), one batch
+        first: dict[str, int] = {}
+        for i, shape in enumerate(test.files):
+            first.setdefault(shape.split("-", 1)[0], i)
+        batch = collate_objects([test[i] for i in list(first.values())[:4]])
+        with torch.no_grad():
+            out = model(batch["coord"], _step_generator(12345, 0, batch["coord"].device))
         t = model.target_scale
-        mask, scale = out["masks"][t][0], out["scales"][t]
-        visible = scale.neighborhood_abs[0][~mask].reshape(-1, 3).numpy()
-        target = scale.neighborhood_abs[0][mask].reshape(-1, 3).numpy()
-        predicted = (out["pred_3d"] + scale.centers[0][mask][:, None]).reshape(-1, 3).numpy()
-        cd = float(out["loss_3d"])
-        caption = (f"I2P-MAE masked point modelling on held-out shape {name}, final checkpoint, scale {t} "
-                   f"({cfg.model.num_groups[t]} tokens x {cfg.model.group_sizes[t]} points; {int(mask.sum())} masked): "
-                   f"masked input, reconstruction, ground truth; visible points blue, masked orange; CD-L2 {cd:.4f}")
-        paths.append(plot_point_reconstructions(figures_dir(run_dir) / "reconstructions.png", [visible], [predicted],
-                                                [target], [f"{name}, CD-L2 {cd:.4f}"], caption))
+        scale, visible, predicted, target, names = out["scales"][t], [], [], [], []
+        start = 0  # pred_3d / target_3d hold the masked tokens of all shapes, row-major
+        for b, mask in enumerate(out["masks"][t]):
+            n = int(mask.sum())
+            pred_b, target_b = out["pred_3d"][start:start + n], out["target_3d"][start:start + n]
+            start += n
+            visible.append(scale.neighborhood_abs[b][~mask].reshape(-1, 3).numpy())
+            target.append(scale.neighborhood_abs[b][mask].reshape(-1, 3).numpy())
+            predicted.append((pred_b + scale.centers[b][mask][:, None]).reshape(-1, 3).numpy())
+            names.append(f"{batch['name'][b]}, CD-L2 {float(patch_chamfer_l2(pred_b, target_b)):.4f}")
+        caption = (f"I2P-MAE masked point modelling on held-out shapes, final checkpoint, scale {t} "
+                   f"({cfg.model.num_groups[t]} tokens x {cfg.model.group_sizes[t]} points; 2D-guided mask of the "
+                   "held-out generator): masked input, reconstruction, ground truth; visible points blue, masked "
+                   "orange; CD-L2 of the masked tokens: " + ", ".join(names))
+        paths.append(plot_point_reconstructions(figures_dir(run_dir) / "reconstructions.png", visible, predicted,
+                                                target, names, caption))
         return paths
 
 

@@ -315,6 +315,7 @@ class GliomaSegmenter(L.LightningModule):
             self.example = {
                 "case": np.asarray(batch["case"][0]),
                 "flair": batch["image"][0, MODALITIES.index("flair"), :, :, k].float().cpu().numpy(),
+                "t1ce": batch["image"][0, MODALITIES.index("t1ce"), :, :, k].float().cpu().numpy(),
                 "truth": truth[:, :, k].cpu().numpy(),
                 "pred": self.head.labels(scores)[0, :, :, k].cpu().numpy(),
                 "slice": np.asarray(k),
@@ -445,7 +446,8 @@ class _BratsPipeline(Pipeline):
 
     def figures(self, cfg: BratsConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
         """Loss curve and the mean Dice / HD95 bars of the shared accumulator, then one axial slice of
-        the first held-out case: FLAIR, ground truth and prediction with WT / TC / ET contours."""
+        the first held-out case: FLAIR (top row) and T1ce (bottom row), each alone, with the ground
+        truth's and with the prediction's WT / TC / ET contours."""
         from threefold.pipelines.figures import default_figures, figures_dir, new_figure, save_figure
 
         per_region = {k: v for k, v in metrics.items() if k.count("/") == 1 and k.split("/")[0] in ("Dice", HD95)}
@@ -454,20 +456,25 @@ class _BratsPipeline(Pipeline):
         if not example.is_file():
             return paths
         ex = np.load(example)
-        fig = new_figure((9.0, 3.2))
+        backgrounds = [("FLAIR", ex["flair"])] + ([("T1ce", ex["t1ce"])] if "t1ce" in ex.files else [])
+        fig = new_figure((9.0, 3.2 * len(backgrounds)))
         # TC's outer border is ET's: a wider orange line stays visible under the red one
         colours = {"WT": ("tab:green", 1.2), "TC": ("tab:orange", 2.8), "ET": ("tab:red", 1.0)}
-        for ax, (title, labels) in zip(fig.subplots(1, 3), (("FLAIR", None), ("ground truth", ex["truth"]), (self.name, ex["pred"]))):
-            ax.imshow(ex["flair"].T, cmap="gray", origin="lower")
-            if labels is not None:
-                for level, (region, (colour, width)) in enumerate(colours.items(), start=1):
-                    if np.any(labels >= level):
-                        ax.contour((labels >= level).T.astype(float), levels=[0.5], colors=colour, linewidths=width)
-                    ax.plot([], [], color=colour, label=region)
-                ax.legend(loc="lower right", fontsize=7)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
-        caption = f"case {ex['case']}, axial slice k={int(ex['slice'])} (cropped grid): FLAIR, truth and prediction; WT green, TC orange, ET red"
+        axes = np.asarray(fig.subplots(len(backgrounds), 3)).reshape(len(backgrounds), 3)
+        for row, (modality, image) in zip(axes, backgrounds):
+            for ax, (title, labels) in zip(row, ((modality, None), (f"{modality}, ground truth", ex["truth"]),
+                                                 (f"{modality}, {self.name}", ex["pred"]))):
+                ax.imshow(image.T, cmap="gray", origin="lower")
+                if labels is not None:
+                    for level, (region, (colour, width)) in enumerate(colours.items(), start=1):
+                        if np.any(labels >= level):
+                            ax.contour((labels >= level).T.astype(float), levels=[0.5], colors=colour, linewidths=width)
+                        ax.plot([], [], color=colour, label=region)
+                    ax.legend(loc="lower right", fontsize=7)
+                ax.set_title(title, fontsize=9)
+                ax.set_axis_off()
+        caption = (f"case {ex['case']}, axial slice k={int(ex['slice'])} (cropped grid): "
+                   f"{' and '.join(m for m, _ in backgrounds)}, truth and prediction; WT green, TC orange, ET red")
         paths.append(save_figure(fig, figures_dir(run_dir) / "slice_case0.png", caption))
         return paths
 

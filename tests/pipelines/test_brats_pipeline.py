@@ -48,8 +48,8 @@ def check_brats_figures(run: Path, metrics: dict) -> None:
 
     from threefold.pipelines.figures import png_caption
 
-    # 100 dpi: slice 9 x 3.2 in; bars: 2 families (Dice, HD95) x max(4, 0.45 * 3 + 1.5) in x 3.6 in
-    expected = {"slice_case0.png": (320, 900), "per_class.png": (360, 800)}
+    # 100 dpi: slice 9 x (2 x 3.2) in (FLAIR row, T1ce row); bars: 2 families (Dice, HD95) x max(4, 0.45 * 3 + 1.5) in x 3.6 in
+    expected = {"slice_case0.png": (640, 900), "per_class.png": (360, 800)}
     figs = run / "figures"
     names = sorted(p.name for p in figs.glob("*.png"))
     assert [n for n in names if n != "curves.png"] == sorted(expected)
@@ -67,7 +67,7 @@ def check_brats_figures(run: Path, metrics: dict) -> None:
     for region in ("WT", "TC", "ET"):
         assert f"{region} {metrics[f'Dice/{region}']:.3f}" in caption, (region, caption)
     slice_caption = png_caption(figs / "slice_case0.png")
-    assert "WT green, TC orange, ET red" in slice_caption
+    assert "WT green, TC orange, ET red" in slice_caption and "FLAIR and T1ce" in slice_caption
 
 
 @pytest.mark.slow

@@ -5,11 +5,14 @@ present so CI never skips them silently."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# shared test helpers (tests/figure_checks.py) import by plain name under --import-mode=importlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def test_data_root() -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,20 +17,9 @@ pytest.importorskip("matplotlib")
 from threefold.datasets.errors import DataFormatError  # noqa: E402
 from threefold.pipelines.figures import png_caption  # noqa: E402
 from threefold.pipelines.figures_graphs import plot_embeddings, plot_method_table  # noqa: E402
+from figure_checks import assert_not_blank, decode  # noqa: E402
 
 TAB10 = np.array([[0.122, 0.467, 0.706], [1.0, 0.498, 0.055], [0.173, 0.627, 0.173], [0.839, 0.153, 0.157]])
-
-
-def decode(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return imread(path)
-
-
-def assert_not_blank(img: np.ndarray, path: Path) -> None:
-    gray = img[..., :3].mean(-1)
-    assert gray.var() > 2e-3, f"{path} looks blank (variance {gray.var():.2e})"
-    assert (gray < 0.9).mean() > 0.01, f"{path}: under 1% of the pixels are drawn"
 
 
 def has_colour(img: np.ndarray, rgb, tol: float = 0.02) -> bool:

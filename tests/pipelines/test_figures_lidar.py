@@ -6,7 +6,6 @@ channel-swapped twins) and an accuracy caption that matches an independent count
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,18 +22,7 @@ from threefold.pipelines.figures_lidar import (  # noqa: E402
     plot_lidar_views,
     range_projection,
 )
-
-
-def decode(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return imread(path)
-
-
-def assert_not_blank(img: np.ndarray, path: Path) -> None:
-    gray = img[..., :3].mean(-1)
-    assert gray.var() > 2e-3, f"{path} looks blank (variance {gray.var():.2e})"
-    assert (gray < 0.9).mean() > 0.01, f"{path}: under 1% of the pixels are drawn"
+from figure_checks import assert_not_blank, decode  # noqa: E402
 
 
 def count_colour(img: np.ndarray, rgb, tol: float = 0.01) -> int:

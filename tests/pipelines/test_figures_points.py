@@ -21,18 +21,7 @@ from threefold.pipelines.figures_points import (  # noqa: E402
     plot_depth_views,
     plot_point_reconstructions,
 )
-
-
-def decode(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return imread(path)
-
-
-def assert_not_blank(img: np.ndarray, path: Path) -> None:
-    gray = img[..., :3].mean(-1)
-    assert gray.var() > 2e-3, f"{path} looks blank (variance {gray.var():.2e})"
-    assert (gray < 0.9).mean() > 0.01, f"{path}: under 1% of the pixels are drawn"
+from figure_checks import assert_not_blank, decode  # noqa: E402
 
 
 def has_colour(img: np.ndarray, rgb, tol: float = 0.03) -> bool:

@@ -6,7 +6,6 @@ count) matches an independent count."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +15,7 @@ pytest.importorskip("matplotlib")
 from threefold.datasets.errors import ConfigError, DataFormatError  # noqa: E402
 from threefold.pipelines.figures import png_caption  # noqa: E402
 from threefold.pipelines.figures_registration import FOLD_RGBA, checkerboard, plot_registration  # noqa: E402
-
-
-def decode(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return imread(path)
-
-
-def assert_not_blank(img: np.ndarray, path: Path) -> None:
-    gray = img[..., :3].mean(-1)
-    assert gray.var() > 2e-3, f"{path} looks blank (variance {gray.var():.2e})"
-    assert (gray < 0.9).mean() > 0.01, f"{path}: under 1% of the pixels are drawn"
+from figure_checks import assert_not_blank, decode  # noqa: E402
 
 
 def count_colour(img: np.ndarray, rgb, tol: float = 0.02) -> int:

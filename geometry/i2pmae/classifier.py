@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from threefold.datasets.errors import ConfigError
+from threefold.geometry.encoder_weights import load_encoder_weights
 from threefold.geometry.i2pmae.encoder import HierarchicalEncoder, hierarchical_groups
 
 
@@ -64,24 +65,7 @@ class I2PMAEClassifier(nn.Module):
         """Copy the ``encoder.*`` tensors of an I2P-MAE pretraining state dict (plain or a Lightning
         ``state_dict`` with a ``model.`` prefix; the per-scale norms are skipped). Returns the number
         loaded; missing, extra or mis-shaped tensors raise :class:`ConfigError` naming ``source``."""
-        enc = {}
-        for key, value in state.items():
-            for p in ("model.encoder.", "encoder."):
-                if key.startswith(p) and not key[len(p):].startswith("norms."):
-                    enc[key[len(p):]] = value
-                    break
-        if not enc:
-            raise ConfigError(f"{source}: no encoder.* weights (is it an I2P-MAE pretraining checkpoint?)")
-        own = self.encoder.state_dict()
-        missing = sorted(set(own) - set(enc))
-        unexpected = sorted(set(enc) - set(own))
-        shapes = [k for k in own if k in enc and own[k].shape != enc[k].shape]
-        if missing or unexpected or shapes:
-            raise ConfigError(
-                f"{source}: encoder weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape mismatch {shapes[:3]}); model widths/depths must equal the pretraining config's")
-        self.encoder.load_state_dict(enc)
-        return len(enc)
+        return load_encoder_weights(self.encoder, state, source, "I2P-MAE", skip=("norms.",))
 
 
 @torch.no_grad()

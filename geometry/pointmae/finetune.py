@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from threefold.datasets.errors import ConfigError
+from threefold.geometry.encoder_weights import load_encoder_weights
 from threefold.geometry.pointmae.model import PointMAEEncoder, group_points, init_weights
 
 
@@ -59,26 +59,7 @@ class PointMAEClassifier(nn.Module):
         """Copy the ``encoder.*`` entries of a pretraining state dict (a :class:`PointMAE` state or a
         Lightning ``state_dict`` with a ``model.`` prefix); returns the number of tensors loaded.
         Missing, extra or mis-shaped encoder tensors raise :class:`ConfigError` naming ``source``."""
-        prefixes = ("model.encoder.", "encoder.")
-        enc = {}
-        for key, value in state.items():
-            for p in prefixes:
-                if key.startswith(p):
-                    enc[key[len(p):]] = value
-                    break
-        if not enc:
-            raise ConfigError(f"{source}: no encoder.* weights (is it a Point-MAE pretraining checkpoint?)")
-        own = self.encoder.state_dict()
-        missing = sorted(set(own) - set(enc))
-        unexpected = sorted(set(enc) - set(own))
-        shapes = [k for k in own if k in enc and own[k].shape != enc[k].shape]
-        if missing or unexpected or shapes:
-            raise ConfigError(
-                f"{source}: encoder weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape mismatch {shapes[:3]}); model widths/depth must equal the pretraining config's"
-            )
-        self.encoder.load_state_dict(enc)
-        return len(enc)
+        return load_encoder_weights(self.encoder, state, source, "Point-MAE")
 
 
 @torch.no_grad()

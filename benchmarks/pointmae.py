@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from timing import timed  # benchmarks/timing.py
 
 from threefold.geometry.neighbors import group_patches, index_points
 from threefold.geometry.pointmae import PointMAE, count_parameters, group_points
@@ -33,20 +32,6 @@ def iterative_fps(points: torch.Tensor, k: int) -> torch.Tensor:
         idx[:, i] = dmin.argmax(1)
         last = points[torch.arange(b, device=points.device), idx[:, i]]
     return idx
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    times = []
-    for i in range(steps + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

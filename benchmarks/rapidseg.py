@@ -21,31 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py
 
 from threefold.datasets.semantickitti import lidar_rings, list_scans, read_scan
 from threefold.geometry.rapid.features import rapid_features
 from threefold.geometry.rapid.losses import segmentation_loss
 from threefold.geometry.rapid.rapidseg import RAPiDSeg
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    times = []
-    for i in range(steps + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def load_scans(args) -> list[dict[str, np.ndarray]]:

@@ -15,6 +15,13 @@ markdown table of mean ± std (over seeds) of the per-class IoU and mIoU on sequ
 classes present in its ground truth; mIoU under both ``absent`` conventions). Sized for ≤ 9 minutes
 on one H100 (estimate: ~0.3 s per full-width step of two 118k-point scans, 96 steps per run, six runs);
 each run's wall time is printed as it finishes, so lower ``--epochs`` if the first runs are slower.
+
+On a machine with several GPUs, split the six runs over processes (one per GPU, ``CUDA_VISIBLE_DEVICES``)
+with ``--pipelines`` / ``--seeds`` and ``--json PART.json``, then print the table from all parts::
+
+    python benchmarks/rapidseg_ablation.py --data SAMPLE --pipelines semantickitti-minkunet --seeds 0 --json p0.json
+    ...
+    python benchmarks/rapidseg_ablation.py --data SAMPLE --table p0.json p1.json ...
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch
 
 from threefold.pipelines.cli import main as cli
 
+PIPELINES = ("semantickitti-minkunet", "semantickitti-rapidseg")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,7 +49,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs-dir", default="")
     ap.add_argument("--extra", nargs="*", default=[], help="further key=value overrides for both pipelines")
+    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    ap.add_argument("--json", default="", help="write this process's per-run metrics here")
+    ap.add_argument("--table", nargs="+", default=[], help="print the table from these --json parts; train nothing")
     args = ap.parse_args()
+    if args.table:
+        results: dict[str, list[dict]] = {}
+        for part in args.table:
+            for pipeline, runs in json.loads(Path(part).read_text()).items():
+                results.setdefault(pipeline, []).extend(runs)
+        print_table(args.data, results)
+        return
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="rapidseg-ablation-"))
     cache = runs / "feature-cache"
     budget = [f"trainer.max_epochs={args.epochs}", "trainer.batch_size=2", "optim.name=adamw", f"optim.lr={args.lr}",
@@ -51,7 +70,7 @@ def main() -> None:
     print(f"budget (both models): {' '.join(budget)}")
     results: dict[str, list[dict]] = {}
     t_all = time.perf_counter()
-    for pipeline in ("semantickitti-minkunet", "semantickitti-rapidseg"):
+    for pipeline in args.pipelines:
         for seed in args.seeds:
             t = time.perf_counter()
             out = runs / pipeline / f"seed{seed}"
@@ -60,13 +79,21 @@ def main() -> None:
                 raise SystemExit(f"{pipeline} seed {seed} failed with exit code {code}")
             (run,) = (out / pipeline).iterdir()
             metrics = json.loads((run / "metrics.json").read_text())
-            results.setdefault(pipeline, []).append(metrics)
+            results.setdefault(pipeline, []).append({**metrics, "seed": seed})
+            if args.json:
+                Path(args.json).write_text(json.dumps(results))
             print(f"{pipeline} seed {seed}: mIoU[absent=skip] {metrics['mIoU[absent=skip]']:.4f}, "
                   f"{metrics['global_step']} steps, {time.perf_counter() - t:.0f} s", flush=True)
     print(f"total wall time: {time.perf_counter() - t_all:.0f} s")
+    if set(results) == set(PIPELINES):
+        print_table(args.data, results)
+
+
+def print_table(data: str, results: dict[str, list[dict]]) -> None:
+    """Mean ± std over seeds of mIoU and per-class IoU (classes present in the val ground truth)."""
     from threefold.datasets.semantickitti import SEMANTICKITTI_CLASSES, SemanticKITTI
 
-    val = SemanticKITTI(args.data, "val")
+    val = SemanticKITTI(data, "val")
     present = sorted({int(c) for i in range(len(val)) for c in val[i]["label"].unique().tolist() if c >= 0})
     classes = [f"IoU/{SEMANTICKITTI_CLASSES[c]}" for c in present]
     keys = ["mIoU[absent=skip]", "mIoU[absent=zero]", *classes]
@@ -76,7 +103,8 @@ def main() -> None:
         return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
 
     print()
-    print(f"| metric (val 08, %, mean ± std over seeds {args.seeds}) | MinkUNet34 | R-RAPiD-Seg |")
+    seeds = {p: sorted(r["seed"] for r in runs) for p, runs in results.items()}
+    print(f"| metric (val 08, %, mean ± std over seeds {seeds[PIPELINES[0]]}) | MinkUNet34 | R-RAPiD-Seg |")
     print("|---|---|---|")
     for key in keys:
         print(f"| {key} | {cell('semantickitti-minkunet', key)} | {cell('semantickitti-rapidseg', key)} |")

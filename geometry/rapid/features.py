@@ -10,10 +10,15 @@ NumPy in → NumPy out, torch in → torch out on the input's device. Two neighb
   ``cKDTree`` per RoI queried for k + 1 neighbours, RoIs spread over ``workers`` threads. (One tree
   over (x, y, z, roi · BIG) also keeps queries inside their RoI, but measured 20 % slower on a
   120k-point scan: small trees search faster.)
-- ``search="cdist"`` (any device; default on GPUs): RoIs of similar size are padded into batches and
-  searched exhaustively with blocked ``torch.cdist`` — direct differences, not the
-  ``|a|^2 + |b|^2 - 2ab`` expansion, whose cancellation at 50 m coordinates costs centimetres in
-  float32 — and ``topk``.
+- ``search="window"`` (any device; default on GPUs): points sorted by (RoI, azimuth), a fixed window
+  of azimuth neighbours per query searched in one batched tensor pass, exact by an azimuth-gap bound
+  with wider retries where the bound fails (:mod:`threefold.geometry.rapid.window_knn`). A scan costs
+  a handful of kernel launches, independent of the number of RoIs.
+- ``search="cdist"`` (any device): RoIs of similar size are padded into batches and searched
+  exhaustively with blocked ``torch.cdist`` — direct differences, not the ``|a|^2 + |b|^2 - 2ab``
+  expansion, whose cancellation at 50 m coordinates costs centimetres in float32 — and ``topk``.
+  Quadratic in the RoI size and launch-bound over RoI batches (481 ms per scan on an H100); kept as
+  the exhaustive torch reference for tests and benchmarks.
 
 The row operations after the search (4D distance, sort, normalisation, clipping, padding) exist
 once in NumPy and once in torch; the tests hold both to a brute-force reference.
@@ -29,6 +34,7 @@ import torch
 
 from threefold.datasets.errors import ConfigError, DataFormatError
 from threefold.datasets.semantickitti import HDL64_FOV_DEG, lidar_rings
+from threefold.geometry.rapid.window_knn import azimuth_window_knn
 
 __all__ = ["lidar_rings", "rapid_features", "HDL64_FOV_DEG", "SEMANTICKITTI_K", "NUSCENES_K"]
 
@@ -80,8 +86,9 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
             from the frame (see below), e.g. to make features comparable across frames.
         normalize: divide by the frame's largest 4D distance (below); False keeps metres.
         workers: threads for the per-RoI kd-tree searches (-1: all cores).
-        search: neighbour search — "kdtree" (scipy, CPU), "cdist" (blocked exhaustive torch search,
-            any device) or "auto": kd-tree for NumPy input and CPU tensors, cdist on accelerators.
+        search: neighbour search — "kdtree" (scipy, CPU), "window" (azimuth-window torch search, any
+            device), "cdist" (blocked exhaustive torch search, any device) or "auto": kd-tree for
+            NumPy input and CPU tensors, window on accelerators.
 
     Returns:
         (N, k_max) float32 of the same kind as ``coord`` (NumPy, or torch on ``coord``'s device).
@@ -122,21 +129,22 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
     """
     k = tuple(int(x) for x in k)
     ranges = tuple(float(x) for x in ranges)
-    if search not in ("auto", "kdtree", "cdist"):
-        raise ConfigError(f"rapid_features: search={search!r}; expected 'auto', 'kdtree' or 'cdist'")
+    if search not in ("auto", "kdtree", "window", "cdist"):
+        raise ConfigError(f"rapid_features: search={search!r}; expected 'auto', 'kdtree', 'window' or 'cdist'")
     is_torch = isinstance(coord, torch.Tensor)
     device = coord.device if is_torch else torch.device("cpu")
     if search == "kdtree" and device.type != "cpu":
         raise ConfigError(f"rapid_features: search='kdtree' runs on the CPU; coord is on {device}")
-    # the exhaustive search is quadratic in the RoI size: on a CPU the kd-tree wins by far
-    if search == "cdist" or (search == "auto" and device.type != "cpu"):
+    # on a CPU the kd-tree wins (threads over RoIs); on accelerators the batched window search
+    if search in ("window", "cdist") or (search == "auto" and device.type != "cpu"):
         c = coord if is_torch else torch.from_numpy(np.asarray(coord))
         r = torch.as_tensor(remission, device=device).reshape(-1)
         g = torch.as_tensor(roi, device=device).reshape(-1)
         km = _check(tuple(c.shape), r.shape[0], g.shape[0], k, ranges, k_max)
         if g.dtype.is_floating_point or g.dtype == torch.bool:
             raise DataFormatError(f"rapid_features: roi must be integer ids, got dtype {g.dtype}")
-        out = _rapid_torch(c, r, g.long(), k, ranges, delta, km, origin, d_range, r_range, normalize)
+        out = _rapid_torch(c, r, g.long(), k, ranges, delta, km, origin, d_range, r_range, normalize,
+                           "cdist" if search == "cdist" else "window")
         return out if is_torch else out.numpy()
     as_np = (lambda a: a.detach().cpu().numpy()) if is_torch else np.asarray
     c, r = as_np(coord), as_np(torch.as_tensor(remission) if is_torch else remission).reshape(-1)
@@ -340,19 +348,23 @@ def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.T
 def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: tuple[int, ...],
                  ranges: tuple[float, ...], delta: float | None, k_max: int, origin: Sequence[float] | None,
                  d_range: tuple[float, float] | None, r_range: tuple[float, float] | None,
-                 normalize: bool) -> torch.Tensor:
+                 normalize: bool, search: str = "window") -> torch.Tensor:
     dev = coord.device
     n = coord.shape[0]
     out = torch.zeros((n, k_max), dtype=torch.float32, device=dev)
     if n == 0 or not bool((roi >= 0).any()):
         return out
-    sel, idx, dist = _knn_torch(coord, roi, max(k))
+    sel = torch.nonzero(roi >= 0).squeeze(1)
     c = coord[sel].double()
     o = torch.zeros(3, dtype=torch.float64, device=dev) if origin is None else torch.as_tensor(
         origin, dtype=torch.float64, device=dev)
     rng = torch.linalg.vector_norm(c - o, dim=1)
     k_pt = torch.as_tensor(k, device=dev)[torch.searchsorted(torch.as_tensor(ranges, dtype=torch.float64, device=dev),
                                                             rng, right=True)]
+    if search == "cdist":
+        _, idx, dist = _knn_torch(coord, roi, max(k))
+    else:
+        idx, dist = azimuth_window_knn(c, roi[sel], k_pt, o)
     col = torch.arange(idx.shape[1], device=dev)
     valid = (idx >= 0) & (col[None, :] < k_pt[:, None])
     remf = rem.double()

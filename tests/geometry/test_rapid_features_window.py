@@ -1,0 +1,222 @@
+"""The azimuth-window torch search of RAPiD features (geometry/rapid/window_knn.py) against brute force:
+neighbour distances from dense NumPy distance matrices per RoI, feature rows from a dense NumPy reference
+written here from the equations, the NumPy kd-tree path on the real scans, and the awkward cases of the
+exactness check (points on the sensor axis, many points at one azimuth, tiny RoIs, narrow windows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from threefold.datasets.errors import ConfigError
+from threefold.geometry import lidar_rings, rapid_features
+from threefold.geometry.rapid.window_knn import azimuth_window_knn
+
+
+def brute_knn(coord, roi, k_pt):
+    """Sorted distances (N, max k) of each point's k_pt nearest same-RoI points (float64), inf-padded."""
+    x = np.asarray(coord, np.float64)
+    kq = int(np.max(k_pt))
+    out = np.full((len(x), kq), np.inf)
+    for g in np.unique(roi):
+        members = np.flatnonzero(roi == g)
+        d = np.sqrt(((x[members, None] - x[None, members]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        d.sort(axis=1)
+        kk = min(kq, len(members) - 1)
+        out[members, :kk] = d[:, :kk]
+    col = np.arange(kq)[None, :]
+    return np.where(col < np.asarray(k_pt)[:, None], out, np.inf)
+
+
+def brute_features(coord, rem, roi, k=(10, 7, 5), ranges=(20.0, 35.0), delta=0.9, origin=(0.0, 0.0, 0.0)):
+    """RAPiD rows from dense distance matrices (no RoI-less points): kNN by argsort, then Eqs. 3-8."""
+    x = np.asarray(coord, np.float64)
+    r = np.asarray(rem, np.float64)
+    rng = np.linalg.norm(x - np.asarray(origin), axis=1)
+    k_pt = np.where(rng < ranges[0], k[0], np.where(rng < ranges[1], k[1], k[2]))
+    kq = max(k)
+    d = np.full((len(x), kq), np.nan)
+    dr = np.zeros((len(x), kq))
+    for g in np.unique(roi):
+        members = np.flatnonzero(roi == g)
+        dm = np.sqrt(((x[members, None] - x[None, members]) ** 2).sum(-1))
+        np.fill_diagonal(dm, np.inf)
+        nn = np.argsort(dm, axis=1)[:, : min(kq, len(members) - 1)]
+        for row, j in enumerate(members):
+            kk = min(k_pt[j], nn.shape[1])
+            d[j, :kk] = dm[row, nn[row, :kk]]
+            dr[j, :kk] = r[j] - r[members[nn[row, :kk]]]
+    s = (np.nanmax(d) - np.nanmin(d)) / (r.max() - r.min())
+    rho = np.sqrt(d ** 2 + (s * dr) ** 2)
+    rho = np.sort(np.where(np.isnan(rho), np.inf, rho), axis=1)
+    n_valid = np.isfinite(rho).sum(1)
+    rho = np.minimum(rho / rho[np.isfinite(rho)].max(), delta)
+    cap = np.where(n_valid > 0, rho[np.arange(len(x)), np.maximum(n_valid - 1, 0)], 0.0)
+    return np.where(np.arange(kq)[None, :] < n_valid[:, None], rho, cap[:, None])
+
+
+def ring_scan(n, seed, beams=64, r_lo=3.0, r_hi=60.0):
+    """A 64-beam-like scan: random azimuths on the HDL-64E's elevations, random ranges."""
+    rng = np.random.default_rng(seed)
+    az = rng.uniform(0, 2 * np.pi, n)
+    elev = np.deg2rad(np.linspace(2.0, -24.8, beams))[rng.integers(0, beams, n)]
+    rr = rng.uniform(r_lo, r_hi, n)
+    coord = np.stack([rr * np.cos(elev) * np.cos(az), rr * np.cos(elev) * np.sin(az), rr * np.sin(elev)], 1)
+    return coord.astype(np.float32), rng.uniform(0, 1, n).astype(np.float32)
+
+
+def awkward_cloud(seed):
+    """Class-like RoIs plus the cases the azimuth bound finds hardest."""
+    rng = np.random.default_rng(seed)
+    coord = rng.uniform(-30, 30, (500, 3))
+    coord[:, 2] *= 0.1
+    roi = rng.integers(0, 4, 500)
+    # uneven spacing: equidistant neighbours would make the k-th neighbour a tie (either is right)
+    axis = np.stack([np.zeros(12), np.zeros(12), np.sort(rng.uniform(-2, 2, 12))], 1)  # on the sensor's axis
+    line = np.stack([np.sort(rng.uniform(5, 40, 30)), np.zeros(30), np.zeros(30)], 1)  # one azimuth, many ranges
+    tiny = rng.uniform(-10, 10, (1 + 2 + 3 + 11, 3))  # RoIs of 1, 2, 3 and k + 1 points
+    coord = np.concatenate([coord, axis, line, tiny]).astype(np.float32)
+    roi = np.concatenate([roi, np.full(12, 4), np.full(30, 5), [6], [7] * 2, [8] * 3, [9] * 11])
+    return coord, roi.astype(np.int64)
+
+
+def check_knn(coord, roi, k_pt, **kw):
+    stats = {}
+    idx, dist = azimuth_window_knn(torch.from_numpy(coord), torch.from_numpy(roi), torch.from_numpy(k_pt),
+                                   stats=stats, **kw)
+    idx, dist = idx.numpy(), dist.numpy()
+    want = brute_knn(coord, roi, k_pt)
+    col = np.arange(idx.shape[1])[None, :]
+    mine = col < k_pt[:, None]
+    got = np.where(mine, dist, np.inf)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the indices behind the distances: same RoI, never self, distance consistent
+    ok = mine & (idx >= 0)
+    assert np.array_equal(ok, mine & np.isfinite(want))
+    rows = np.nonzero(ok)[0]
+    nb = idx[ok]
+    assert np.all(roi[nb] == roi[rows]) and np.all(nb != rows)
+    x = coord.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(x[nb] - x[rows], axis=1), dist[ok], rtol=1e-12)
+    return stats["rounds"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_window_knn_equals_brute_force_on_rings(seed):
+    coord, _ = ring_scan(4000, seed)
+    ring = lidar_rings(coord)
+    rng = np.linalg.norm(coord.astype(np.float64), axis=1)
+    k_pt = np.where(rng < 20, 10, np.where(rng < 35, 7, 5)).astype(np.int64)
+    rounds = check_knn(coord, ring, k_pt)
+    # the bound is not vacuous: most ring queries are settled by the first window
+    assert rounds[0] == (16, 4000) and (len(rounds) == 1 or rounds[1][1] < 0.5 * 4000)
+    # a narrow first window forces several retry rounds, still exact
+    rounds = check_knn(coord, ring, k_pt, window=2)
+    assert len(rounds) >= 3 and rounds[0][0] == 5  # at least ceil(k/2) per side
+
+
+@pytest.mark.parametrize("window", [1, 16])
+def test_window_knn_equals_brute_force_on_awkward_rois(window):
+    coord, roi = awkward_cloud(2)
+    k_pt = np.random.default_rng(3).choice([10, 7, 5], len(coord)).astype(np.int64)
+    rounds = check_knn(coord, roi, k_pt, window=window)
+    assert len(rounds) >= 2  # the axis points and the line need wider windows
+    # a sensor away from the origin: the azimuth centre moves, the answer must not
+    check_knn(coord, roi, k_pt, window=window, origin=torch.tensor([3.0, -4.0, 1.0]))
+
+
+def test_window_features_equal_dense_reference():
+    coord, rem = ring_scan(3000, 4)
+    ring = lidar_rings(coord)
+    want = brute_features(coord, rem, ring)
+    got = rapid_features(*(torch.from_numpy(a) for a in (coord, rem, ring)), search="window")
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == (3000, 10)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    # NumPy in → NumPy out; the kd-tree path agrees
+    got_np = rapid_features(coord, rem, ring, search="window")
+    assert isinstance(got_np, np.ndarray)
+    np.testing.assert_allclose(got_np, rapid_features(coord, rem, ring), atol=1e-6)
+
+
+def test_window_features_class_rois_and_ignored_points():
+    coord, roi = awkward_cloud(5)
+    rem = np.random.default_rng(5).uniform(0, 1, len(coord)).astype(np.float32)
+    want = brute_features(coord, rem, roi)
+    roi_ign = roi.copy()
+    got = rapid_features(torch.from_numpy(coord), torch.from_numpy(rem), torch.from_numpy(roi_ign), search="window")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    roi_ign[:7] = -1  # points without a RoI: zero rows, and the rest as the kd-tree path computes it
+    got = rapid_features(torch.from_numpy(coord), torch.from_numpy(rem), torch.from_numpy(roi_ign), search="window")
+    assert np.all(got.numpy()[:7] == 0)
+    np.testing.assert_allclose(got.numpy(), rapid_features(coord, rem, roi_ign), atol=1e-6)
+
+
+def test_window_c_rapid_rigid_invariance():
+    coord, roi = awkward_cloud(6)
+    rem = np.random.default_rng(6).uniform(0, 1, len(coord)).astype(np.float32)
+    args = dict(search="window")
+    base = rapid_features(coord, rem, roi, **args)
+    cy, sy, cp, sp = np.cos(0.7), np.sin(0.7), np.cos(0.4), np.sin(0.4)
+    rot = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]]) @ np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
+    t = np.array([-9.0, 4.0, 2.0])
+    moved = (coord.astype(np.float64) @ rot.T + t).astype(np.float32)
+    np.testing.assert_allclose(rapid_features(moved, rem, roi, origin=t, **args), base, atol=1e-5)
+
+
+def test_search_names():
+    coord, rem = ring_scan(50, 7)
+    with pytest.raises(ConfigError, match="window"):
+        rapid_features(coord, rem, lidar_rings(coord), search="grid")
+
+
+def _real_scan(root, seq):
+    path = root / "semantickitti" / "sequences" / seq / "velodyne" / "000000.bin"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    rec = np.fromfile(path, dtype="<f4").reshape(-1, 4)
+    return rec[:, :3].copy(), rec[:, 3].copy(), path
+
+
+def test_window_equals_kdtree_on_real_scans(test_data):
+    coord, rem, _ = _real_scan(test_data, "00")
+    ring = lidar_rings(coord)
+    want = rapid_features(coord, rem, ring, workers=2)
+    got = rapid_features(*(torch.from_numpy(a) for a in (coord, rem, ring)), search="window")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    # C-RAPiD on the labelled scan: 19 classes, most of them many points at each azimuth
+    coord, rem, path = _real_scan(test_data, "99")
+    label = np.fromfile(path.parents[1] / "labels" / "000000.label", dtype="<u4") & 0xFFFF
+    cls = label.astype(np.int64)
+    want = rapid_features(coord, rem, cls, workers=2)
+    got = rapid_features(*(torch.from_numpy(a) for a in (coord, rem, cls)), search="window")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_window_equals_numpy_on_real_scan():
+    """CUDA features (the default search on GPUs) against the NumPy kd-tree path on the real 64-beam
+    scan ($THREEFOLD_TEST_DATA, kitti/sequences/00/velodyne/000000.bin or semantickitti/...), or a
+    synthetic 120k-point ring scan when absent; R-RAPiD and C-RAPiD-style class RoIs; bounded memory."""
+    from conftest import test_data_root
+
+    root = test_data_root()
+    for rel in ("kitti/sequences/00/velodyne/000000.bin", "semantickitti/sequences/00/velodyne/000000.bin"):
+        if (root / rel).is_file():
+            rec = np.fromfile(root / rel, dtype="<f4").reshape(-1, 4)
+            coord, rem = rec[:, :3].copy(), rec[:, 3].copy()
+            break
+    else:
+        coord, rem = ring_scan(120_000, 8, r_hi=80.0)
+    ring = lidar_rings(coord)
+    cls = np.random.default_rng(9).integers(0, 19, len(coord))  # class-like RoIs spread over the scan
+    for roi in (ring, cls):
+        want = rapid_features(coord, rem, roi)  # NumPy, kd-tree
+        args = [torch.from_numpy(a).cuda() for a in (coord, rem, roi)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        got = rapid_features(*args)
+        assert got.device.type == "cuda" and got.dtype == torch.float32
+        np.testing.assert_allclose(got.cpu().numpy(), want, atol=1e-6)
+        assert torch.cuda.max_memory_allocated() < 1 << 30  # pair blocks keep it bounded

@@ -51,6 +51,7 @@ from threefold.datasets.brats import (
     uncrop,
     write_prediction,
 )
+from threefold.datasets.brats_prepare import preprocessed_case
 from threefold.datasets.errors import ConfigError
 from threefold.datasets.paths import safe_output_path
 from threefold.datasets.splits import seed_everything
@@ -120,6 +121,7 @@ class BratsConfig(RunConfig):
     n_folds: int = 5
     fold: int = 0
     cache_cases: bool = True  # keep preprocessed cases in memory (about 50 MB per real BraTS case)
+    cache_dir: str = ""  # preprocessed cases on disk (`threefold prepare brats --out CACHE`); "" = compute each run
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -131,10 +133,11 @@ class BratsConfig(RunConfig):
 
 
 class PreprocessedCases:
-    """Preprocessed samples of a case list, read on first use and optionally kept in memory."""
+    """Preprocessed samples of a case list, read on first use and optionally kept in memory; with
+    ``cache_dir`` read from (or, on a miss, added to) the disk cache of ``threefold prepare brats``."""
 
-    def __init__(self, dataset: BraTS, cache: bool) -> None:
-        self.dataset, self.cache = dataset, cache
+    def __init__(self, dataset: BraTS, cache: bool, cache_dir: str | Path | None = None) -> None:
+        self.dataset, self.cache, self.cache_dir = dataset, cache, cache_dir or None
         self._store: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -143,7 +146,7 @@ class PreprocessedCases:
     def __getitem__(self, i: int) -> dict:
         if i in self._store:
             return self._store[i]
-        sample = self.dataset[i]
+        sample = self.dataset[i] if self.cache_dir is None else preprocessed_case(self.dataset.cases[i], self.cache_dir)
         if self.cache:
             self._store[i] = sample
         return sample
@@ -226,8 +229,8 @@ class BratsDataModule(L.LightningDataModule):
         layout = None if cfg.layout == "auto" else cfg.layout
         common = dict(layout=layout, fold=cfg.fold, n_folds=cfg.n_folds, seed=cfg.seed)
         self.cfg = cfg
-        self.train_cases = PreprocessedCases(BraTS(root, "train", **common), cfg.cache_cases)
-        self.test_cases = PreprocessedCases(BraTS(root, "val", **common), cfg.cache_cases)
+        self.train_cases = PreprocessedCases(BraTS(root, "train", **common), cfg.cache_cases, cfg.cache_dir)
+        self.test_cases = PreprocessedCases(BraTS(root, "val", **common), cfg.cache_cases, cfg.cache_dir)
         self.patches = PatchDataset(self.train_cases, cfg.patch, cfg.seed)
 
     def train_dataloader(self):

@@ -6,7 +6,7 @@
                                           (key=value: config overrides with dotted keys, anywhere after PIPELINE)
     threefold eval PIPELINE --checkpoint CKPT [--data PATH] [key=value ...]
     threefold predict PIPELINE --checkpoint CKPT --input PATH --out PATH
-    threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT
+    threefold prepare DATASET --data RAW_ROOT --out PREPARED_ROOT [--workers N] [--shard i/n]
     threefold tokenize --input FILE --out tokens.json [--decode]
     threefold register --moving M --fixed F --out DIR [--checkpoint CKPT | --method bspline|demons]
     threefold report RUN_DIR              (regenerates figures/ and report.md / report.html of a run)
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workers", type=int, help="worker processes (default: min(4, CPU count); 1 = in-process)")
+    p.add_argument("--shard", default="0/1", metavar="i/n",
+                   help="compute only shard i of n (item j of the sorted list belongs to shard j %% n), "
+                        "to spread one dataset over n machines")
     return parser
 
 
@@ -223,11 +227,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     pipe = get_pipeline(args.pipeline)
     cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
-    run_dir = new_run_dir(args.runs_dir, f"{pipe.name}-eval").resolve()
-    metrics = pipe.evaluate(cfg, _context(pipe.name, args, cfg.trainer, run_dir, False), args.checkpoint)
-    write_metrics(run_dir / "metrics.json", metrics)
-    _print_summary(metrics)
-    print(f"run folder: {run_dir}")
+    inherited = os.environ.get(ENV_RUN_DIR)  # a DDP child (trainer.devices=N): the parent's eval folder
+    run_dir = Path(inherited) if inherited else new_run_dir(args.runs_dir, f"{pipe.name}-eval").resolve()
+    saved = {k: os.environ.get(k) for k in (ENV_RUN_DIR, ENV_RESUME)}
+    os.environ[ENV_RUN_DIR], os.environ[ENV_RESUME] = str(run_dir), "0"
+    try:
+        metrics = pipe.evaluate(cfg, _context(pipe.name, args, cfg.trainer, run_dir, False), args.checkpoint)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not inherited:
+        write_metrics(run_dir / "metrics.json", metrics)
+        _print_summary(metrics)
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -251,11 +266,14 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-#: `threefold prepare DATASET`: the function that fills a cache folder from a raw dataset root. These
-#: steps compute features with code above `datasets` (RAPiD rows live in `geometry`), so this layer
-#: names them rather than the dataset classes.
+#: `threefold prepare DATASET`: the function that fills a cache folder from a raw dataset root, called
+#: as ``f(data, out, workers=..., shard=(i, n), progress=...)`` and returning the counts of
+#: :func:`threefold.datasets.prepare_runner.run_prepare`. Steps compute features with code of several
+#: layers (RAPiD rows live in `geometry`, tokens in `science`), so this layer names them.
 PREPARE_STEPS: dict[str, tuple[str, str]] = {
     "semantickitti": ("threefold.geometry.rapid.prepare", "prepare_rapid_features"),
+    "brats": ("threefold.datasets.brats_prepare", "prepare_brats_cases"),
+    "qm9": ("threefold.science.qm9_tokens", "prepare_qm9_tokens"),
 }
 
 
@@ -276,14 +294,27 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import importlib
 
+    from threefold.datasets.prepare_runner import parse_shard
     from threefold.datasets.registry import get_dataset
 
+    try:
+        shard = parse_shard(args.shard)
+    except ConfigError as exc:
+        raise _UsageError(f"threefold prepare: {exc}") from None
+    if args.workers is not None and args.workers < 1:
+        raise _UsageError(f"threefold prepare: --workers {args.workers}; expected at least 1")
     get_dataset(args.dataset)  # an unknown name fails with the list of datasets
     if args.dataset not in PREPARE_STEPS:
         raise ConfigError(f"dataset {args.dataset!r} reads its raw files directly and needs no `prepare` step "
                           f"(datasets with one: {', '.join(sorted(PREPARE_STEPS))})")
+    if not args.data.exists():
+        raise MissingFileError(f"--data {args.data} does not exist")
     module, function = PREPARE_STEPS[args.dataset]
-    getattr(importlib.import_module(module), function)(args.data, args.out)
+    counts = getattr(importlib.import_module(module), function)(args.data, args.out, workers=args.workers, shard=shard,
+                                                                progress=True)
+    print(f"prepare {args.dataset} shard {shard[0]}/{shard[1]}: {counts['shard_items']} of {counts['items']} items, "
+          f"{counts['computed']} computed, {counts['skipped']} skipped (already cached), "
+          f"{counts['seconds']:.1f} s, {counts['items_per_s']:.2f} items/s -> {args.out}")
     return 0
 
 

@@ -87,6 +87,7 @@ class Uni3DARRunConfig(RunConfig):
     cutoff: bool = False
     heldout_fraction: float = 0.1
     limit_molecules: int = 0  # 0 = all
+    token_cache: str = ""  # `threefold prepare qm9 --out CACHE` (with --data the same QM9 folder); "" = parse and tokenize here
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -166,6 +167,26 @@ class TokenCollate:
     def __call__(self, indices: list[int]) -> SequenceBatch:
         tokens, keep = self.tokens(indices)
         return build_sequences(tokens, self.tokenizer.vocab, keep)
+
+
+class CachedTokenCollate(TokenCollate):
+    """:class:`TokenCollate` with the canonical tokens of ``threefold prepare qm9``: a batch without
+    augmentation (and without cutoff cropping) takes its molecules' stored tokens, identical to
+    tokenizing them here; an augmented batch is tokenized after its random motion, as without the cache."""
+
+    def __init__(self, mols, tokenizer: OctreeTokenizer, augment: AugmentSection | None, seed: int, *, cached) -> None:
+        super().__init__(mols, tokenizer, augment, seed)
+        self.cached = cached
+        a = augment
+        self.use_cache = not tokenizer.cutoff and (a is None or (not a.rotate and a.translation_sigma == 0
+                                                                 and a.shift_cells == 0 and a.level1_delete == 0))
+
+    def tokens(self, indices: list[int]):
+        if not self.use_cache:
+            return super().tokens(indices)
+        from threefold.science.qm9_tokens import take_structures
+
+        return take_structures(self.cached, indices), None
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -446,6 +467,18 @@ def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer, num_trees: i
     return Uni3DARModule({"config": config_to_dict(cfg), "model": model.to_dict(), "optim": asdict(cfg.optim)})
 
 
+def _prepared(cfg: Uni3DARRunConfig, data: Path | None):
+    """Molecules, source name and collate class from the ``threefold prepare qm9`` cache ``cfg.token_cache``."""
+    from functools import partial
+
+    from threefold.science.qm9_tokens import load_prepared_qm9
+
+    if data is None or not data.is_dir():
+        raise ConfigError(f"token_cache={cfg.token_cache}: needs --data, the QM9 folder (dsgdb9nsd_*.xyz) it was prepared from")
+    mols, tokens = load_prepared_qm9(data, cfg.token_cache, cfg.octree, cfg.limit_molecules or None)
+    return mols, f"{data} (tokens cached in {cfg.token_cache})", partial(CachedTokenCollate, cached=tokens)
+
+
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -458,13 +491,17 @@ class _Uni3DARPipelineBase(Pipeline):
         if cfg.octree not in PRESETS:
             raise ConfigError(f"octree={cfg.octree!r}: expected one of {sorted(PRESETS)}")
         tokenizer = OctreeTokenizer(cfg.octree, cutoff=cfg.cutoff)
-        mols, source = load_molecules(ctx.data, ctx.run_dir, cfg.limit_molecules)
+        collate_cls = None
+        if cfg.token_cache:
+            mols, source, collate_cls = _prepared(cfg, ctx.data)
+        else:
+            mols, source = load_molecules(ctx.data, ctx.run_dir, cfg.limit_molecules)
         order = np.random.default_rng(cfg.seed).permutation(len(mols))
         n_held = max(1, int(round(cfg.heldout_fraction * len(mols))))
         heldout_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
         data = MoleculeTokenData(
             mols, train_idx, heldout_idx, tokenizer, cfg.augment, cfg.trainer.batch_size, cfg.seed,
-            cfg.trainer.num_workers,
+            cfg.trainer.num_workers, collate_cls,
         )  # fmt: skip
         module = build_module(cfg, tokenizer)
         t0 = time.perf_counter()

@@ -11,9 +11,9 @@ Two caches (:class:`~threefold.datasets.cache.FeatureCache`) under one root, eac
   trained R-RAPiD-Seg and is computed by the pipeline, not here.
 
 These are the caches the ``semantickitti-rapidseg`` pipeline reads (``features.cache_dir=CACHE``), so a
-prepared dataset trains without recomputing. Files are identified as ``FeatureCache`` does by default
-(resolved path, size, modification time in ns): a lookup costs a ``stat``, not a read of the scan,
-and an edited file gets a new key. Parameters are canonicalised (ints, floats, k_max resolved) so the
+prepared dataset trains without recomputing. Files are identified as ``FeatureCache`` does by default,
+by the SHA-256 of their content: an edited file gets a new key, a copied or moved one keeps it (a
+lookup reads the scan once, about 2 MB). Parameters are canonicalised (ints, floats, k_max resolved) so the
 same setting always gives the same key.
 """
 
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,9 @@ def c_rapid_rows(cache_root: str | os.PathLike, bin_path: str | os.PathLike, lab
     return cache.get_or_build([bin_path, label_path], build)["rapid"]
 
 
-def _build_one(cache_root: str, bin_path: str, label_path: str | None, params: dict[str, Any]) -> str:
+def _build_one(job: tuple[str, str | None], cache_root: str, params: dict[str, Any]) -> str:
+    """Write one cache entry: ``job = (bin, None)`` R-RAPiD rows, ``(bin, label)`` C-RAPiD rows."""
+    bin_path, label_path = job
     if label_path is None:
         r_rapid_rows(cache_root, bin_path, **params)
     else:
@@ -89,18 +90,20 @@ def _build_one(cache_root: str, bin_path: str, label_path: str | None, params: d
 
 def prepare_rapid_features(data_root: str | os.PathLike, out_root: str | os.PathLike, workers: int | None = None,
                            sequences: Sequence[str] | None = None, variants: Sequence[str] = ("r", "c"),
-                           progress: bool = True, *, n_beams: int = 64, k: Sequence[int] = SEMANTICKITTI_K,
-                           ranges: Sequence[float] = (20.0, 35.0), delta: float | None = 0.9,
-                           k_max: int | None = None) -> dict[str, Any]:
+                           progress: bool = True, *, shard: tuple[int, int] = (0, 1), n_beams: int = 64,
+                           k: Sequence[int] = SEMANTICKITTI_K, ranges: Sequence[float] = (20.0, 35.0),
+                           delta: float | None = 0.9, k_max: int | None = None) -> dict[str, Any]:
     """Cache R-RAPiD rows of every scan under ``data_root`` (all sequences found, or ``sequences``) and
     C-RAPiD rows of every labelled one (``variants`` selects).
 
-    Resumable: entries that exist are skipped (entries are written atomically, so an interrupted run
-    loses at most the scans in flight). ``workers`` processes (default ``min(4, cpu count)``), each with a
-    single-threaded kd-tree so the processes do not oversubscribe the cores. Returns
-    ``{"cache": out_root, "scans": n, "computed": entries built, "skipped": entries found}``.
+    Runs on :func:`~threefold.datasets.prepare_runner.run_prepare`: one item per cache entry
+    (``(bin, None)`` or ``(bin, label)``), ``shard=(i, n)`` keeps every n-th of the sorted entries,
+    entries that exist are skipped (entries are written atomically, so an interrupted run loses at
+    most the scans in flight). ``workers`` processes (default ``min(4, cpu count)``), each with a
+    single-threaded kd-tree so the processes do not oversubscribe the cores. Returns the runner's
+    counts plus ``"cache": out_root`` and ``"scans"`` (scans found, all shards).
     """
-    from tqdm import tqdm
+    from threefold.datasets.prepare_runner import default_workers, run_prepare
 
     if not set(variants) <= {"r", "c"} or not variants:
         raise ConfigError(f"prepare_rapid_features: variants={tuple(variants)}; expected a subset of ('r', 'c')")
@@ -115,30 +118,22 @@ def prepare_rapid_features(data_root: str | os.PathLike, out_root: str | os.Path
         raise MissingFileError(f"{root}: no scans (expected sequences/XX/velodyne/NNNNNN.bin)")
     r_cache, c_cache = rapid_caches(out_root, n_beams, k, ranges, delta, k_max)
     jobs: list[tuple[str, str | None]] = []  # (bin, None) = R-RAPiD, (bin, label) = C-RAPiD
-    found = 0
     for _, _, path in scans:
         label = SemanticKITTI.label_path(path)
-        wanted = ([(r_cache, [path], None)] if "r" in variants else []) + \
-                 ([(c_cache, [path, label], str(label))] if "c" in variants and label.is_file() else [])
-        for cache, inputs, lab in wanted:
-            if cache.path(cache.key(inputs)).is_file():
-                found += 1
-            else:
-                jobs.append((str(path), lab))
+        if "r" in variants:
+            jobs.append((str(path), None))
+        if "c" in variants and label.is_file():
+            jobs.append((str(path), str(label)))
+
+    def done(job: tuple[str, str | None]) -> bool:
+        cache, inputs = (r_cache, [job[0]]) if job[1] is None else (c_cache, list(job))
+        return cache.path(cache.key(inputs)).is_file()
+
     params = {"n_beams": n_beams, "k": tuple(k), "ranges": tuple(ranges), "delta": delta, "k_max": k_max}
-    workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    with tqdm(total=len(jobs), desc="RAPiD rows", unit="entry", disable=not progress) as bar:
-        if workers == 1 or len(jobs) <= 1:
-            for path, label in jobs:
-                _build_one(str(out_root), path, label, params)
-                bar.update()
-        else:
-            # spawn, not fork: the parent may hold torch / OpenMP threads that a fork would copy mid-state
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for fut in as_completed([pool.submit(_build_one, str(out_root), p, lab, params) for p, lab in jobs]):
-                    fut.result()
-                    bar.update()
-    return {"cache": Path(out_root), "scans": len(scans), "computed": len(jobs), "skipped": found}
+    counts = run_prepare(jobs, partial(_build_one, cache_root=str(out_root), params=params), done,
+                         workers=default_workers() if workers is None else max(1, int(workers)), shard=shard,
+                         desc="RAPiD rows", unit="entry", progress=progress, key=lambda j: (j[0], j[1] or ""))
+    return {"cache": Path(out_root), "scans": len(scans), **counts}
 
 
 __all__ = ["C_NAMESPACE", "R_NAMESPACE", "c_rapid_rows", "prepare_rapid_features", "r_rapid_rows", "rapid_caches"]

@@ -15,7 +15,7 @@ candidate distance is below that bound, no excluded point can displace any of it
 window's answer is the exact kNN. Queries that fail the check (depth edges, points near the sensor's
 axis, class RoIs whose members share an azimuth at many ranges) are searched again with a window
 ``WINDOW_GROWTH`` times wider; a window that covers the whole RoI is exact by definition, so the loop
-ends after at most log_4(largest RoI) rounds. The bound holds for any point set, so class RoIs
+ends after at most log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
 (C-RAPiD) are exact too, only with more retries.
 
 Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 40 bytes each).
@@ -36,7 +36,8 @@ __all__ = ["azimuth_window_knn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET"]
 #: Candidates per side of the first window. 16 accepts the great majority of a 64-beam scan's queries
 #: at k <= 10 (see tests/geometry/test_rapid_features_window.py for the measured fraction).
 WINDOW = 16
-#: Factor by which the window widens for the queries whose exactness check failed.
+#: Factor by which the window widens for the queries whose exactness check failed (8 saves a round on
+#: ring RoIs but doubles the pairs searched for class RoIs, where many points share an azimuth).
 WINDOW_GROWTH = 4
 #: (query, candidate) pairs per block: a 120k-point scan's first round is one block on a GPU.
 PAIR_BUDGET = {"cuda": 1 << 23, "cpu": 1 << 21}

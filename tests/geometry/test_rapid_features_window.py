@@ -114,7 +114,7 @@ def test_window_knn_equals_brute_force_on_rings(seed):
     assert rounds[0] == (16, 4000) and (len(rounds) == 1 or rounds[1][1] < 0.5 * 4000)
     # a narrow first window forces several retry rounds, still exact
     rounds = check_knn(coord, ring, k_pt, window=2)
-    assert len(rounds) >= 3 and rounds[0][0] == 5  # at least ceil(k/2) per side
+    assert len(rounds) >= 2 and rounds[0][0] == 5  # at least ceil(k/2) per side
 
 
 @pytest.mark.parametrize("window", [1, 16])

@@ -9,7 +9,9 @@ accumulation, progress bars, CSV logging, DDP); this module only fixes how three
   ``torch.load(weights_only=True)``, so a half-written or code-carrying checkpoint is never loaded;
 - ``--resume RUN_DIR`` reopens the folder and continues each fit from its ``last.ckpt``; every
   trainer carries :class:`~threefold.pipelines.loaders.ResumeStateCallback`, so the RNG states and
-  the mid-epoch position of a :class:`~threefold.pipelines.loaders.ResumableDataLoader` come back too.
+  the mid-epoch position of a :class:`~threefold.pipelines.loaders.ResumableDataLoader` come back too;
+- ``trainer.sync_batchnorm`` (default ``None``: automatic) converts the model's BatchNorm layers to
+  ``torch.nn.SyncBatchNorm`` when a fit runs several processes on GPUs (:func:`resolve_sync_batchnorm`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,36 @@ def new_run_dir(runs_root: Path, pipeline: str) -> Path:
     raise ConfigError(f"could not create a new run folder under {base}")
 
 
+def has_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``; instance,
+    layer and group norm are per-sample and need no synchronisation)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def resolve_sync_batchnorm(setting: bool | None, has_bn: bool, world_size: int, on_gpu: bool) -> bool:
+    """Whether a fit converts BatchNorm to ``torch.nn.SyncBatchNorm`` (``trainer.sync_batchnorm``).
+
+    Under DDP each process normalises with the statistics of its own share of the batch; with the
+    small per-GPU batches of volumetric and sparse 3D networks (1-2 volumes or scans) those
+    statistics are noisy and differ from the single-GPU run at the same global batch, so the
+    statistics are synchronised by default. ``setting``: ``None`` (auto: on exactly when there are
+    several processes, batch norm in the model and GPUs), ``True`` or ``False``. Nothing to
+    synchronise with one process or without batch norm: ``False``. ``True`` with several CPU
+    processes raises :class:`ConfigError`: PyTorch's ``SyncBatchNorm`` runs on GPU tensors only.
+    """
+    if world_size <= 1 or not has_bn:
+        return False
+    if setting is None:
+        return on_gpu
+    if setting and not on_gpu:
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true with {world_size} processes on CPU: torch.nn.SyncBatchNorm needs GPU "
+            "tensors; set trainer.sync_batchnorm=false (each process then normalises with its own batch statistics) "
+            "or run on GPUs"
+        )
+    return bool(setting)
+
+
 @dataclass
 class RunContext:
     """What a pipeline's ``run`` gets besides its config: where to write, which data, whether to resume."""
@@ -104,8 +136,13 @@ class RunContext:
         sub.mkdir(parents=True, exist_ok=True)
         return RunContext(self.pipeline, sub, self.trainer_cfg, self.data, self.resume, list(self.extra_callbacks))
 
-    def trainer(self, **overrides: Any):
-        """A ``lightning.Trainer`` configured from ``trainer_cfg`` (keyword overrides win)."""
+    def trainer(self, module: torch.nn.Module | None = None, **overrides: Any):
+        """A ``lightning.Trainer`` configured from ``trainer_cfg`` (keyword overrides win).
+
+        ``module``: the model the trainer will fit; with it, ``trainer.sync_batchnorm`` is resolved
+        against the model and the world size (:func:`resolve_sync_batchnorm`). Evaluation-only
+        trainers need none: BatchNorm in eval mode uses its running statistics, never synced.
+        """
         import lightning as L
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger
@@ -158,11 +195,21 @@ class RunContext:
             plugins=[_plain_checkpoint_io()],
         )
         kwargs.update(overrides)
-        return L.Trainer(**kwargs)
+        trainer = L.Trainer(**kwargs)
+        if module is not None and "sync_batchnorm" not in overrides:
+            # The world size and the accelerator are known once Lightning has resolved "auto" and the
+            # device list, i.e. after building a Trainer; building one is cheap (nothing launches yet).
+            from lightning.pytorch.accelerators import CUDAAccelerator
+
+            world = int(trainer.num_devices) * int(trainer.num_nodes)
+            on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
+            if resolve_sync_batchnorm(t.sync_batchnorm, has_batchnorm(module), world, on_gpu):
+                trainer = L.Trainer(**{**kwargs, "sync_batchnorm": True})
+        return trainer
 
     def fit(self, module: Any, datamodule: Any = None, **trainer_overrides: Any):
         """Train (resuming from ``last.ckpt`` when asked and present); returns the trainer."""
-        trainer = self.trainer(**trainer_overrides)
+        trainer = self.trainer(module, **trainer_overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=self.resume_checkpoint, weights_only=True)
         return trainer
 

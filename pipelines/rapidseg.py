@@ -45,6 +45,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torchmetrics.aggregation import SumMetric
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
 from threefold.datasets.semantickitti import (
@@ -63,6 +64,7 @@ from threefold.geometry.rapid.rapidseg import RAPiDSeg
 from threefold.pipelines.config import RunConfig, config_from_dict, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint
 from threefold.pipelines.loaders import ResumableDataLoader
+from threefold.pipelines.metrics.distributed import batch_real_mask
 from threefold.pipelines.metrics.segmentation import SemanticSegmentationMetrics
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -302,12 +304,22 @@ class RapidSegModule(L.LightningModule):
         self.register_buffer("class_weights", torch.tensor(hparams.get("class_weights", [1.0] * NUM_CLASSES), dtype=torch.float32))
         self.metrics = SemanticSegmentationMetrics(NUM_CLASSES, SEMANTICKITTI_CLASSES, absent="zero")
         self.metrics_skip = SemanticSegmentationMetrics(NUM_CLASSES, SEMANTICKITTI_CLASSES, absent="skip")
+        # evaluated scans and points, summed across ranks (float64: exact up to 2^53 points)
+        self.scans_scored, self.points_scored = SumMetric().set_dtype(torch.float64), SumMetric().set_dtype(torch.float64)
         self.prediction_root: Path | None = None
+        self.eval_counts: dict[str, int] = {}
         self.r_model: RAPiDSeg | None = None  # C variant: pass-1 model
         self._aes = self.net.autoencoders()
         if self.stage == "seg" and self.cfg.ae.mode == "frozen":
             for ae in self._aes:
                 ae.requires_grad_(False)
+        if self.stage == "ae":
+            # Stage 1 trains the autoencoders alone; the rest of the network takes no part in the loss.
+            # Trainable parameters outside the loss make DDP fail at its second step (it waits for their
+            # gradients), so they are frozen here; a single process trains exactly as before.
+            self.net.requires_grad_(False)
+            for ae in self._aes:
+                ae.requires_grad_(True)
 
     @property
     def frozen_ae(self) -> bool:
@@ -366,16 +378,37 @@ class RapidSegModule(L.LightningModule):
         return logits.argmax(1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Under DDP Lightning's DistributedSampler pads the scan list to a multiple of the world size
+        # by repeating scans; those repeats are scored on their own rank already: keep them out of
+        # the confusion matrix (summed across ranks) and of the submission files.
+        loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        real = batch_real_mask(loader.sampler, batch_idx, loader.batch_size, len(batch["num_points"]))
+        if not bool(real.any()):
+            return
         pred = self.predict_batch(batch)
+        point_real = real.to(batch["batch"].device)[batch["batch"]]
+        self.scans_scored.update(real.sum().double())
+        self.points_scored.update(point_real.sum().double())
         if "label" in batch:
-            self.metrics.update(pred, batch["label"])
-            self.metrics_skip.update(pred, batch["label"])
+            self.metrics.update(pred[point_real], batch["label"][point_real])
+            self.metrics_skip.update(pred[point_real], batch["label"][point_real])
         if self.prediction_root is not None:
             for b, (seq, frame) in enumerate(zip(batch["sequence"], batch["frame"])):
-                write_predictions(self.prediction_root, seq, frame, pred[batch["batch"] == b].cpu())
+                if bool(real[b]):
+                    write_predictions(self.prediction_root, seq, frame, pred[batch["batch"] == b].cpu())
 
     def on_test_epoch_end(self) -> None:
-        if self.metrics.confmat.sum() == 0:
+        # compute() syncs across ranks (a collective): every rank calls it, also one that scored no
+        # labelled point, so an early return may only depend on the summed count
+        self.eval_counts = {"eval_scans_scored": int(self.scans_scored.compute()),
+                            "eval_points": int(self.points_scored.compute())}
+        self.scans_scored.reset()
+        self.points_scored.reset()
+        labelled = self.metrics.confmat.sum().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            labelled = self.all_gather(labelled).sum()
+        if int(labelled.sum()) == 0:
             return
         values = {**self.metrics.compute(), **{k: v for k, v in self.metrics_skip.compute().items() if k.startswith("mIoU")}}
         for key, value in values.items():
@@ -463,6 +496,8 @@ class _RapidSegPipeline(Pipeline):
         trainer = ctx.trainer(logger=False)
         trainer.test(module, dataloaders=loader, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("mIoU", "IoU/", "accuracy"))}
+        metrics.update(module.eval_counts)  # scans and points scored, summed over ranks
+        metrics["eval_world_size"] = int(trainer.world_size)
         metrics["eval_scans"] = len(loader.dataset)
         metrics["eval_split"] = cfg.eval.split
         return metrics

@@ -1,0 +1,170 @@
+"""Issue #12, acceptance: a real pipeline under DDP with 2 gloo processes gives the metrics of 1 process.
+
+``semantickitti-rapidseg`` (reduced CI model, 3 training and 3 validation scans of the synthetic
+sample) is trained with ``trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu`` — both
+stages, autoencoder then segmentation, in 2 processes — and evaluated in those 2 processes at the
+end of the run; its last checkpoint is then evaluated again with ``threefold eval`` in 1 process
+and in 2 processes. The three evaluations must agree exactly on the integer counts (scans and points
+scored) and to 1e-6 on every IoU, mIoU and accuracy, and they must equal the confusion matrix
+counted here with NumPy from the submission files the 2-process evaluation wrote.
+
+Why it can fail: 3 validation scans over 2 ranks make Lightning's ``DistributedSampler`` pad rank 1
+with a repeat of scan 0; a pipeline that scores the repeat counts 4 scans and more points, one that
+does not reduce its confusion matrix across ranks reports one rank's share, and a rank that skips a
+collective hangs the run (the subprocess timeout fails the test).
+
+The ``trainer.sync_batchnorm`` resolution (auto: GPUs only; refused on CPU processes) is checked
+without launching processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+CLI = [sys.executable, "-m", "threefold.pipelines.cli"]
+
+# the reduced CI model of tests/pipelines/test_rapidseg_pipeline.py; 6 segmentation epochs are enough for
+# predictions spread over several classes (a model predicting one class would compare trivially)
+TINY = [
+    "model.voxel_size=0.2", "model.width=0.25", "model.latents=4", "model.dim=16", "model.inner_dim=4",
+    "model.stream_channels=16", "ae.epochs=1", "optim.name=adamw", "optim.lr=3e-3", "trainer.max_epochs=6",
+    "trainer.batch_size=1", "trainer.accelerator=cpu",
+]
+DDP2 = ["trainer.devices=2", "trainer.strategy=ddp"]
+N_VAL = 3  # odd: the 2-rank DistributedSampler pads one repeat
+
+
+def threefold(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("THREEFOLD_RUN_DIR", "THREEFOLD_RESUME"):
+        env.pop(key, None)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _only(folder: Path) -> Path:
+    (run,) = [p for p in folder.iterdir() if p.is_dir()]
+    return run
+
+
+def _numpy_scores(root: Path, predictions: Path) -> dict[str, float]:
+    """Overall accuracy, mIoU[absent=zero] and the point count from the submission files, counted with
+    NumPy (the official evaluator's rules: ground-truth -1 ignored, IoU = TP / (TP + FP + FN))."""
+    from threefold.datasets.semantickitti import SEMANTICKITTI_CLASSES, read_labels
+
+    c = len(SEMANTICKITTI_CLASSES)
+    conf = np.zeros((c, c), np.int64)
+    points = 0
+    for bin_path in sorted((root / "sequences" / "08" / "velodyne").glob("*.bin")):
+        n = bin_path.stat().st_size // 16  # x, y, z, remission float32
+        truth = read_labels(root / "sequences" / "08" / "labels" / f"{bin_path.stem}.label", n)
+        pred = read_labels(predictions / "sequences" / "08" / "predictions" / f"{bin_path.stem}.label", n)
+        keep = truth >= 0
+        np.add.at(conf, (truth[keep], pred[keep]), 1)
+        points += n
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = np.divide(tp, union, out=np.zeros(c), where=union > 0)
+    return {"accuracy[overall]": tp.sum() / conf.sum(), "mIoU[absent=zero]": iou.mean(), "eval_points": points}
+
+
+@pytest.mark.slow
+def test_rapidseg_ddp_two_processes_equals_one(tmp_path):
+    pytest.importorskip("spconv")
+    pytest.importorskip("open3d")
+    from threefold.datasets.lidar_synthetic import generate_lidar_sample
+
+    root = generate_lidar_sample(tmp_path / "sample", ("00", "08"), N_VAL, 0, 64, 2.0)
+    cache = f"features.cache_dir={tmp_path / 'cache'}"
+    out = threefold("run", "semantickitti-rapidseg", "--data", str(root), *TINY, *DDP2, cache, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = _only(tmp_path / "runs" / "semantickitti-rapidseg")
+    trained = json.loads((run / "metrics.json").read_text())
+    ckpt = run / "stage2_seg" / "checkpoints" / "last.ckpt"
+
+    evals = {}
+    for devices in (1, 2):
+        out = threefold("eval", "semantickitti-rapidseg", "--checkpoint", str(ckpt), "--data", str(root),
+                        f"trainer.devices={devices}", "trainer.strategy=ddp", "trainer.accelerator=cpu", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-4000:]
+        folders = sorted((tmp_path / "runs" / "semantickitti-rapidseg-eval").iterdir())
+        assert len(folders) == devices, folders  # DDP children joined the parent's folder, made none of their own
+        evals[devices] = (folders[-1], json.loads((folders[-1] / "metrics.json").read_text()))
+
+    one, two = evals[1][1], evals[2][1]
+    assert (trained["eval_world_size"], one["eval_world_size"], two["eval_world_size"]) == (2, 1, 2)
+    reference = _numpy_scores(root, evals[2][0] / "predictions")
+    for m in (trained, one, two):
+        # every validation scan exactly once: the padding repeat of scan 0 on rank 1 is not scored
+        assert m["eval_scans"] == m["eval_scans_scored"] == N_VAL, m
+        assert m["eval_points"] == reference["eval_points"], m
+        keys = [k for k in m if k.startswith(("mIoU", "IoU/", "accuracy"))]
+        assert len(keys) == 19 + 3
+        for k in keys:
+            assert m[k] == pytest.approx(one[k], abs=1e-6), (k, m[k], one[k])
+        assert m["accuracy[overall]"] == pytest.approx(reference["accuracy[overall]"], abs=1e-6)
+        assert m["mIoU[absent=zero]"] == pytest.approx(reference["mIoU[absent=zero]"], abs=1e-6)
+    # a model that learned something: several classes predicted, not one everywhere
+    assert sum(1 for k in one if k.startswith("IoU/") and one[k] > 0) >= 2, one
+
+
+def test_sync_batchnorm_resolution():
+    from threefold.datasets.errors import ConfigError
+    from threefold.pipelines.engine import has_batchnorm, resolve_sync_batchnorm
+
+    # (setting, has_bn, world, on_gpu) -> synced
+    assert resolve_sync_batchnorm(None, True, 2, True) is True
+    assert resolve_sync_batchnorm(None, True, 2, False) is False  # CPU gloo: SyncBatchNorm needs GPU tensors
+    assert resolve_sync_batchnorm(None, True, 1, True) is False  # one process: nothing to synchronise
+    assert resolve_sync_batchnorm(None, False, 8, True) is False
+    assert resolve_sync_batchnorm(False, True, 2, True) is False
+    assert resolve_sync_batchnorm(True, True, 4, True) is True
+    assert resolve_sync_batchnorm(True, True, 1, False) is False
+    with pytest.raises(ConfigError, match="sync_batchnorm"):
+        resolve_sync_batchnorm(True, True, 2, False)
+
+    assert has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+    assert has_batchnorm(torch.nn.SyncBatchNorm(4))
+    for per_sample in (torch.nn.InstanceNorm3d(4, affine=True), torch.nn.LayerNorm(4), torch.nn.GroupNorm(2, 4)):
+        assert not has_batchnorm(torch.nn.Sequential(per_sample))
+
+
+def test_networks_that_need_sync_batchnorm():
+    """The methods whose batch norm runs over per-GPU batches of 1-2 volumes or scans are the ones the
+    automatic rule synchronises; Isensee's U-Net (instance norm) is left alone."""
+    from threefold.medical.registration.nestedmorph import NestedMorph
+    from threefold.medical.segmentation.unet import Isensee2017UNet
+    from threefold.pipelines.engine import has_batchnorm
+
+    assert has_batchnorm(NestedMorph(heads=2))  # BatchNorm3d in its attention blocks
+    assert not has_batchnorm(Isensee2017UNet(4, 3, 4, 3, 0.0))
+    if pytest.importorskip("spconv"):
+        from threefold.pipelines.config import resolve_config
+        from threefold.pipelines.rapidseg import RapidSegConfig, build_network
+
+        cfg = resolve_config(RapidSegConfig, "semantickitti-rapidseg", overrides=TINY)
+        assert has_batchnorm(build_network(cfg))  # MinkUNet34 BatchNorm1d on sparse features
+
+
+def test_trainer_applies_sync_batchnorm_setting(tmp_path):
+    """``RunContext.trainer(module)``: refused on CPU processes when forced; auto leaves CPU DDP unsynced."""
+    from threefold.datasets.errors import ConfigError
+    from threefold.pipelines.config import TrainerConfig
+    from threefold.pipelines.engine import RunContext
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    cpu_ddp = dict(accelerator="cpu", devices=2, strategy="ddp", enable_progress_bar=False)
+    ctx = RunContext("x", tmp_path, TrainerConfig(**cpu_ddp, sync_batchnorm=True))
+    with pytest.raises(ConfigError, match="SyncBatchNorm needs GPU"):
+        ctx.trainer(module)
+    trainer = RunContext("x", tmp_path, TrainerConfig(**cpu_ddp)).trainer(module)
+    assert trainer.num_devices == 2 and trainer.strategy._layer_sync is None
+    # evaluation trainers (no module) never convert
+    assert RunContext("x", tmp_path, TrainerConfig(**cpu_ddp, sync_batchnorm=True)).trainer().strategy._layer_sync is None

@@ -42,6 +42,10 @@ from threefold.geometry.rapid.vsa import VSAEncoder
 from threefold.geometry.scatter import scatter_mean
 
 VARIANTS = ("r", "c", "none")
+PRECISIONS = ("fp32", "fp16")
+"""Inference precisions of :meth:`RAPiDSeg.predict`. bf16 is absent: spconv 2.3's torch interface maps
+only float32 / float16 / float64 features to its kernels (``spconv.pytorch.cppcore``), and its
+autocast hook casts sparse-conv inputs to float16 whatever the autocast dtype."""
 COORD_SCALE = 50.0  # metres: brings LiDAR coordinates (|x| ≲ 50 m after cropping) to O(1)
 
 
@@ -158,19 +162,49 @@ class RAPiDSeg(nn.Module):
         y = self.backbone(sparse_tensor(x, grid.indices, grid.batch_size))
         return self.head(y.features)[grid.inverse]
 
+    def predict(self, coord: Tensor, remission: Tensor, batch: Tensor, rapid: Tensor | None = None,
+                crapid: Tensor | None = None, precision: str = "fp32", grid: VoxelGrid | None = None) -> Tensor:
+        """Inference logits ``(N, num_classes)`` float32, under ``torch.inference_mode``; eval mode only.
+
+        ``precision="fp32"`` (default; the only choice on CPU) is :meth:`forward`. ``"fp16"`` (CUDA) runs
+        the network under ``torch.autocast(float16)``: spconv's sparse convs take float16 features and
+        weights (tensor-core implicit GEMM, float32 accumulation), linear layers run in float16, while
+        autocast keeps LayerNorm, softmax, exp and sums in float32; BatchNorm uses its float32 statistics.
+        Labels agree with fp32 on all but a small fraction of points (benchmarks/rapidseg.py reports the
+        fraction; tests/geometry/test_rapidseg_model.py, gpu marker, bounds it).
+        """
+        if precision not in PRECISIONS:
+            raise ConfigError(f"RAPiDSeg.predict precision={precision!r}: expected one of {PRECISIONS}")
+        if precision == "fp16" and coord.device.type != "cuda":
+            raise ConfigError(f"RAPiDSeg.predict precision='fp16' needs CUDA (input on {coord.device}): spconv's CPU "
+                              "kernels are float32; use precision='fp32'")
+        if self.training:
+            raise ConfigError("RAPiDSeg.predict: call .eval() first (BatchNorm would use the batch's statistics)")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+            logits = self(coord, remission, batch, rapid, crapid, grid=grid)
+        return logits.float()
+
 
 _OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
 
 
 @torch.no_grad()
 def two_pass_c_rapid(r_model: RAPiDSeg, c_model: RAPiDSeg, coord: Tensor, remission: Tensor, batch: Tensor,
-                     rapid: Tensor, c_rapid_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+                     rapid: Tensor, c_rapid_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+                     precision: str | None = None) -> Tensor:
     """C-RAPiD-Seg inference: pass 1 labels the points with ``r_model``; ``c_rapid_fn(coord, remission,
     pseudo_labels)`` gives the C-RAPiD rows ``(N, k_max)`` of one scan with those labels as RoIs
-    (called per sample of the batch); pass 2 runs ``c_model``. Returns logits ``(N, C)``."""
-    pseudo = r_model(coord, remission, batch, rapid).argmax(1)
+    (called per sample of the batch); pass 2 runs ``c_model``. Returns logits ``(N, C)``.
+    ``precision`` (``"fp32"`` / ``"fp16"``) runs both passes through :meth:`RAPiDSeg.predict` (eval
+    mode); None calls the models directly, in whatever mode they are."""
+    def run(model: RAPiDSeg, crapid: Tensor | None = None) -> Tensor:
+        if precision is None:
+            return model(coord, remission, batch, rapid, crapid)
+        return model.predict(coord, remission, batch, rapid, crapid, precision=precision)
+
+    pseudo = run(r_model).argmax(1)
     crapid = torch.empty_like(rapid)
     for b in torch.unique(batch).tolist():  # one feature computation per scan
         sel = batch == b
         crapid[sel] = c_rapid_fn(coord[sel], remission[sel], pseudo[sel]).to(rapid)
-    return c_model(coord, remission, batch, rapid, crapid)
+    return run(c_model, crapid)

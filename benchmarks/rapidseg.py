@@ -14,6 +14,14 @@ inference time per scan (network only; and with the RAPiD features computed on t
 end-to-end time), peak device memory, and the ratio to MinkUNet34. Medians of ``--steps`` runs after
 3 warm-up runs. Target (issue #3): inference < 35 ms per scan for R-RAPiD-Seg on an H100 at 0.05 m
 (the paper reports about 105 ms per frame).
+
+Inference runs through ``RAPiDSeg.predict`` once per ``--precision`` (default ``fp32,fp16`` on CUDA,
+``fp32`` on CPU), one table row each, with the split of the R-RAPiD-Seg time into voxelisation +
+stream embedding and backbone + head, and the agreement of each precision's labels with fp32's
+(fraction of identical point labels on the first scan). The networks are untrained unless
+``--checkpoint`` gives R-RAPiD-Seg weights (a Lightning checkpoint of ``semantickitti-rapidseg`` or a
+plain state dict); untrained, their BatchNorm statistics come from the timed training steps, so the
+agreement is that of a network with calibrated activations but random weights.
 """
 
 from __future__ import annotations
@@ -61,8 +69,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--points", type=int, default=0, help="subsample each scan to this many points (0: all)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--precision", default="", help="comma-separated inference precisions (default fp32,fp16 on "
+                    "CUDA, fp32 on CPU)")
+    ap.add_argument("--checkpoint", default="", help="R-RAPiD-Seg weights for the agreement figure")
     args = ap.parse_args()
     device = torch.device(args.device)
+    precisions = [p for p in (args.precision or ("fp32,fp16" if device.type == "cuda" else "fp32")).split(",") if p]
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")  # the reference of the agreement column
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the training default on Ampere+; reported below
     scans = load_scans(args)
@@ -90,8 +104,9 @@ def main() -> None:
           f"median of {args.steps}")
     print(f"RAPiD features (R-RAPiD, k = 10/7/5, torch path on {device.type}): {t_feat * 1e3:.1f} ms per scan")
     print()
-    print("| model | params | voxels/scan | train step (batch) | inference / scan (net) | + RAPiD features | peak memory |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | params | voxels/scan | train step (batch) | inference precision | inference / scan (net) | "
+          "of which voxels + streams | + RAPiD features | labels = fp32 | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for name, variant in (("MinkUNet34", "none"), ("R-RAPiD-Seg", "r")):
         torch.manual_seed(0)
@@ -110,24 +125,58 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         net.train()
         t_train = timed(step, args.steps, device)
+        if args.checkpoint and variant == "r":
+            load_weights(net, args.checkpoint)
         net.eval()
         zero = torch.zeros(len(coords[0]), dtype=torch.long, device=device)
+        ref_labels = None
+        for precision in precisions:
+            def infer() -> torch.Tensor:
+                return net.predict(coords[0], rems[0], zero, rapid[0], precision=precision).argmax(1)
 
-        @torch.no_grad()
-        def infer() -> None:
-            net(coords[0], rems[0], zero, rapid[0]).argmax(1)
+            def streams() -> None:  # the part before the backbone, in the same precision
+                with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=precision == "fp16"):
+                    net.embed(net.voxelize(coords[0], zero), coords[0], rems[0], rapid[0])
 
-        t_inf = timed(infer, args.steps, device)
-        t_e2e = t_inf + (t_feat if variant != "none" else 0.0)
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
-        rows[name] = (t_train, t_inf, t_e2e)
-        print(f"| {name} | {params / 1e6:.2f} M | {n_vox} | {t_train * 1e3:.1f} ms | {t_inf * 1e3:.1f} ms | "
-              f"{t_e2e * 1e3:.1f} ms | {mem} |")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                t_inf = timed(infer, args.steps, device)
+                t_streams = timed(streams, args.steps, device)
+                labels_p = infer()
+            except RuntimeError as err:  # e.g. no spconv kernel for this precision: report, go on
+                print(f"| {name} | | | | {precision} | failed: {str(err).splitlines()[0][:120]} | | | | |")
+                continue
+            if precision == "fp32":
+                ref_labels = labels_p
+            agree = (labels_p == ref_labels).float().mean().item()
+            t_e2e = t_inf + (t_feat if variant != "none" else 0.0)
+            mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
+            rows[name, precision] = (t_train, t_inf, t_e2e)
+            first = precision == precisions[0]  # model columns once; the first row's memory includes training
+            head = f"{params / 1e6:.2f} M | {n_vox} | {t_train * 1e3:.1f} ms" if first else " | | "
+            print(f"| {name} | {head} | {precision} | {t_inf * 1e3:.1f} ms | {t_streams * 1e3:.1f} ms | "
+                  f"{t_e2e * 1e3:.1f} ms | {agree:.4%} | {mem}{' (train + inference)' if first else ''} |")
         del net, opt
-    base, ours = rows["MinkUNet34"], rows["R-RAPiD-Seg"]
     print()
-    print(f"ratio R-RAPiD-Seg / MinkUNet34: train step {ours[0] / base[0]:.2f}x, inference {ours[1] / base[1]:.2f}x "
-          f"(end to end {ours[2] / base[2]:.2f}x); paper: about 105 ms per frame; target < 35 ms")
+    for precision in precisions:
+        if ("MinkUNet34", precision) not in rows or ("R-RAPiD-Seg", precision) not in rows:
+            continue
+        base, ours = rows["MinkUNet34", precision], rows["R-RAPiD-Seg", precision]
+        print(f"{precision}: ratio R-RAPiD-Seg / MinkUNet34: train step (fp32) {ours[0] / base[0]:.2f}x, inference "
+              f"{ours[1] / base[1]:.2f}x (end to end {ours[2] / base[2]:.2f}x)")
+    print("paper: about 105 ms per frame; target < 35 ms for R-RAPiD-Seg inference (net)")
+
+
+def load_weights(net: RAPiDSeg, path: str) -> None:
+    """R-RAPiD-Seg weights from a Lightning checkpoint (``state_dict`` with the module's ``net.`` prefix)
+    or a plain state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    if any(k.startswith("net.") for k in state):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    print(f"R-RAPiD-Seg weights: {path}")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def main() -> None:
                 t_inf = timed(infer, args.steps, device)
                 t_streams = timed(streams, args.steps, device)
                 labels_p = infer()
-            except RuntimeError as err:  # e.g. no spconv kernel for this precision: report, go on
+            except Exception as err:  # e.g. no spconv kernel for this precision: report, go on
                 print(f"| {name} | | | | {precision} | failed: {str(err).splitlines()[0][:120]} | | | | |")
                 continue
             if precision == "fp32":

@@ -19,6 +19,13 @@ build) break in three places, all handled here so that users never patch anythin
    (``ALL_WEIGHT_IS_KRSC``), so :class:`SparseConv3d` picks the algorithm from the device of the
    input features at each call: one checkpoint runs on either device with the same math.
 
+And one for half-precision inference on CUDA: spconv's autocast hook (``custom_fwd(cast_inputs=
+float16)``) sits on its training autograd Functions only; in eval mode it calls its kernels directly,
+so under ``torch.autocast`` the convs would stay float32 (spconv's float32 kernels are SIMT: it never
+enables TF32) or meet float16 features with float32 weights. Under a float16 CUDA autocast in eval mode,
+:class:`SparseConv3d` casts the features and (a cached copy of) the weights to float16 itself; the
+kernels accumulate in float32 where spconv's heuristic asks for it (reductions over > 128·27 terms).
+
 Voxel helpers (:func:`voxelize`) are torch-native (``torch.unique``) and run on the input's device.
 """
 
@@ -93,15 +100,35 @@ class SparseConv3d(nn.Module):
             raise ConfigError(f"SparseConv3d kind={kind!r}: expected subm, conv or inverse")
         self._cuda_algo = self.conv.algo  # the build's default; used for CUDA inputs only
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self._half: tuple[tuple[int, int], Tensor] | None = None  # (weight storage, version) → float16 copy
 
     def forward(self, x: Any) -> Any:
         # per call, from the data's device: the modules of one forward all agree, as spconv's shared
         # indice_key maps require
         self.conv.algo = _algo_for(x.features, self._cuda_algo)
-        out = self.conv(x)
+        if not self.training and x.features.is_cuda and _autocast_fp16():
+            c = self.conv  # spconv's own forward, with float16 features and weights (module docstring)
+            out = c._conv_forward(False, x.replace_feature(x.features.half()), self._half_weight(), None,
+                                  name=c.name, sparse_unique_name=c._sparse_unique_name, act_type=c.act_type,
+                                  act_alpha=c.act_alpha, act_beta=c.act_beta)
+        else:
+            out = self.conv(x)
         if self.bias is not None:
             out = out.replace_feature(out.features + self.bias)
         return out
+
+    def _half_weight(self) -> Tensor:
+        """float16 copy of the conv weight, made again only when the weight changes (an optimiser
+        step bumps its version, ``.to()`` moves its storage)."""
+        w = self.conv.weight
+        key = (w.data_ptr(), w._version)
+        if self._half is None or self._half[0] != key:
+            self._half = (key, w.detach().half())
+        return self._half[1]
+
+
+def _autocast_fp16() -> bool:
+    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
 
 
 def voxelize(coord: Tensor, batch: Tensor, voxel_size: float) -> tuple[Tensor, Tensor]:

@@ -38,6 +38,7 @@ from timing import timed  # benchmarks/timing.py
 from threefold.datasets.semantickitti import lidar_rings, list_scans, read_scan
 from threefold.geometry.rapid.features import rapid_features
 from threefold.geometry.rapid.losses import segmentation_loss
+from threefold.geometry.rapid import sparse
 from threefold.geometry.rapid.rapidseg import RAPiDSeg
 
 
@@ -72,7 +73,11 @@ def main() -> None:
     ap.add_argument("--precision", default="", help="comma-separated inference precisions (default fp32,fp16 on "
                     "CUDA, fp32 on CPU)")
     ap.add_argument("--checkpoint", default="", help="R-RAPiD-Seg weights for the agreement figure")
+    ap.add_argument("--fp32-accum", action="store_true", help="float32 accumulation in every fp16 sparse conv "
+                    "(default: spconv's heuristic)")
     args = ap.parse_args()
+    if args.fp32_accum:
+        sparse.FP16_FP32_ACCUM = True
     device = torch.device(args.device)
     precisions = [p for p in (args.precision or ("fp32,fp16" if device.type == "cuda" else "fp32")).split(",") if p]
     if "fp32" not in precisions:
@@ -101,7 +106,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) | spconv {spconv.__version__} | threads {torch.get_num_threads()}")
     print(f"scans: {len(scans)} x {[len(c) for c in coords]} points, voxel {args.voxel} m, batch {args.batch}, "
-          f"median of {args.steps}")
+          f"median of {args.steps}; fp16 sparse-conv accumulation: "
+          f"{'float32' if sparse.FP16_FP32_ACCUM else 'spconv heuristic'}")
     print(f"RAPiD features (R-RAPiD, k = 10/7/5, torch path on {device.type}): {t_feat * 1e3:.1f} ms per scan")
     print()
     print("| model | params | voxels/scan | train step (batch) | inference precision | inference / scan (net) | "

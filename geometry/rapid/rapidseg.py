@@ -167,9 +167,10 @@ class RAPiDSeg(nn.Module):
         """Inference logits ``(N, num_classes)`` float32, under ``torch.inference_mode``; eval mode only.
 
         ``precision="fp32"`` (default; the only choice on CPU) is :meth:`forward`. ``"fp16"`` (CUDA) runs
-        the network under ``torch.autocast(float16)``: spconv's sparse convs take float16 features and
-        weights (tensor-core implicit GEMM, float32 accumulation), linear layers run in float16, while
-        autocast keeps LayerNorm, softmax, exp and sums in float32; BatchNorm uses its float32 statistics.
+        the network under ``torch.autocast(float16)``: the sparse convs take float16 features and weights
+        (tensor-core implicit GEMM; spconv's float32 kernels are SIMT, see
+        :mod:`~threefold.geometry.rapid.sparse`), linear layers run in float16, while autocast keeps
+        LayerNorm, softmax, exp and sums in float32; BatchNorm uses its float32 statistics.
         Labels agree with fp32 on all but a small fraction of points (benchmarks/rapidseg.py reports the
         fraction; tests/geometry/test_rapidseg_model.py, gpu marker, bounds it).
         """

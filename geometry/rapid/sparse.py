@@ -24,7 +24,8 @@ float16)``) sits on its training autograd Functions only; in eval mode it calls 
 so under ``torch.autocast`` the convs would stay float32 (spconv's float32 kernels are SIMT: it never
 enables TF32) or meet float16 features with float32 weights. Under a float16 CUDA autocast in eval mode,
 :class:`SparseConv3d` casts the features and (a cached copy of) the weights to float16 itself; the
-kernels accumulate in float32 where spconv's heuristic asks for it (reductions over > 128·27 terms).
+kernels accumulate in float32 where spconv's heuristic asks for it (reductions over > 128·27 terms),
+or everywhere with :data:`FP16_FP32_ACCUM` = True.
 
 Voxel helpers (:func:`voxelize`) are torch-native (``torch.unique``) and run on the input's device.
 """
@@ -108,6 +109,7 @@ class SparseConv3d(nn.Module):
         self.conv.algo = _algo_for(x.features, self._cuda_algo)
         if not self.training and x.features.is_cuda and _autocast_fp16():
             c = self.conv  # spconv's own forward, with float16 features and weights (module docstring)
+            c.fp32_accum = FP16_FP32_ACCUM
             out = c._conv_forward(False, x.replace_feature(x.features.half()), self._half_weight(), None,
                                   name=c.name, sparse_unique_name=c._sparse_unique_name, act_type=c.act_type,
                                   act_alpha=c.act_alpha, act_beta=c.act_beta)
@@ -125,6 +127,11 @@ class SparseConv3d(nn.Module):
         if self._half is None or self._half[0] != key:
             self._half = (key, w.detach().half())
         return self._half[1]
+
+
+#: Accumulation of float16 sparse convs: None leaves spconv's heuristic (float32 for reductions over more
+#: than 128·27 terms, else float16); True forces float32 (benchmarks/rapidseg.py --fp32-accum compares).
+FP16_FP32_ACCUM: bool | None = None
 
 
 def _autocast_fp16() -> bool:

@@ -30,6 +30,7 @@ import json
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,7 +125,22 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--workers", type=int, default=8, help="processes generating phantoms")
     ap.add_argument("--json", default=None, help="also write the per-seed results here")
+    ap.add_argument("--seed", type=int, default=None, help="train only this seed (one process per GPU; merge with --table)")
+    ap.add_argument("--table", nargs="+", default=[], help="print the table from these --json parts; train nothing")
     args = ap.parse_args()
+    if args.table:
+        parts = [json.loads(Path(f).read_text()) for f in args.table]
+        merged: dict[str, list[dict[str, float]]] = {}
+        for part in parts:
+            for name, per_seed in part["results"].items():
+                if name == "identity (affine-only)":
+                    merged[name] = per_seed  # the same test pairs in every part
+                else:
+                    merged.setdefault(name, []).extend(per_seed)
+        times = {name: [t for part in parts for t in part["train_s"].get(name, [])] for name in merged}
+        print_table(merged, {k: v for part in parts for k, v in part["params"].items()}, {k: v for k, v in times.items() if v})
+        return
+    seeds = list(range(args.seeds)) if args.seed is None else [args.seed]
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -139,7 +155,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, monai {monai.__version__}")
     loss_name = "-LNCC²(9)" if args.similarity == "lncc" else "-MI(Parzen, 23 bins)"
     recipe = (f"lr {args.lr} (Adam amsgrad, poly 0.9), loss {loss_name} + {args.smoothness_weight:g}·diffusion(flow); {args.train_pairs} train / "
-              f"{args.test_pairs} test phantom pairs of {args.size}³ (seed 0); seeds {list(range(args.seeds))}; "
+              f"{args.test_pairs} test phantom pairs of {args.size}³ (seed 0); seeds {seeds}; "
               f"phantoms generated in {t_data:.0f} s")
 
     if args.steps == "auto":
@@ -151,7 +167,7 @@ def main() -> None:
             _, t_warm = train(method, diffeo, train_pairs, 3, args.lr, 0, device, args.similarity, args.smoothness_weight)
             _, t_13 = train(method, diffeo, train_pairs, 13, args.lr, 0, device, args.similarity, args.smoothness_weight)
             per_step[name] = max(t_13 - t_warm, 1e-6) / 10
-        args.steps = max(int(args.train_budget / (args.seeds * sum(per_step.values()))), 1)
+        args.steps = max(int(args.train_budget / (len(seeds) * sum(per_step.values()))), 1)
         print("measured s/step: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in per_step.items())
               + f" -> {args.steps} steps each within a {args.train_budget:.0f} s training budget")
     else:
@@ -164,7 +180,7 @@ def main() -> None:
     for name in args.methods:
         method, diffeo = METHODS[name]
         results[name] = []
-        for seed in range(args.seeds):
+        for seed in seeds:
             net, dt = train(method, diffeo, train_pairs, args.steps, args.lr, seed, device, args.similarity,
                             args.smoothness_weight)
             params[name] = count_parameters(net)
@@ -173,6 +189,16 @@ def main() -> None:
             results[name].append({k: float(np.mean([r[v] for r in rows])) for k, v in KEYS.items()})
             print(f"  {name} seed {seed}: trained in {dt:.0f} s; " + ", ".join(f"{k} {v:.4g}" for k, v in results[name][-1].items()), flush=True)
 
+    print_table(results, params, times)
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "params": params, "train_s": times,
+                       "config": config_to_dict(RegistrationConfig())}, f, indent=2)
+
+
+def print_table(results: dict[str, list[dict[str, float]]], params: dict[str, int], times: dict[str, list[float]]) -> None:
+    """Mean ± std over seeds per method; the identity row is the affine-only baseline."""
     cols = list(KEYS)
     print()
     print("| method | params | train s | " + " | ".join(cols) + " |")
@@ -188,11 +214,6 @@ def main() -> None:
     ref = ", ".join(f"{k}: {v / 1e6:.2f} M" for k, v in REFERENCE_PARAMETERS.items())
     if "NestedMorph" in params:
         print(f"\nNestedMorph parameters: {params['NestedMorph'] / 1e6:.2f} M (reference repository {ref})")
-    print(f"total wall time {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "params": params, "train_s": times,
-                       "config": config_to_dict(RegistrationConfig())}, f, indent=2)
 
 
 if __name__ == "__main__":

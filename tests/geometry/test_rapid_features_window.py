@@ -5,6 +5,9 @@ exactness check (points on the sensor axis, many points at one azimuth, tiny RoI
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -199,9 +202,7 @@ def test_cuda_window_equals_numpy_on_real_scan():
     """CUDA features (the default search on GPUs) against the NumPy kd-tree path on the real 64-beam
     scan ($THREEFOLD_TEST_DATA, kitti/sequences/00/velodyne/000000.bin or semantickitti/...), or a
     synthetic 120k-point ring scan when absent; R-RAPiD and C-RAPiD-style class RoIs; bounded memory."""
-    from conftest import test_data_root
-
-    root = test_data_root()
+    root = Path(os.environ.get("THREEFOLD_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
     for rel in ("kitti/sequences/00/velodyne/000000.bin", "semantickitti/sequences/00/velodyne/000000.bin"):
         if (root / rel).is_file():
             rec = np.fromfile(root / rel, dtype="<f4").reshape(-1, 4)

@@ -44,6 +44,7 @@ from threefold.geometry.bspnet.losses import bspnet_loss
 from threefold.geometry.bspnet.model import BSPNet
 from threefold.pipelines.config import RunConfig, config_from_dict, config_to_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint, write_metrics
+from threefold.pipelines.loaders import RankShardSampler
 from threefold.pipelines.metrics import PointSetMetrics
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -129,10 +130,15 @@ class BSPDataModule(L.LightningDataModule):
         self.batch_size, self.total_steps, self.seed, self.num_workers = batch_size, total_steps, seed, num_workers
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        sampler = torch.utils.data.RandomSampler(
-            self.dataset, replacement=True, num_samples=self.total_steps * self.batch_size,
+        # Under DDP (W processes) the ranks split one seeded stream of W x total_steps x batch_size
+        # draws instead of each drawing the same shapes: W = 1 is the single-process stream.
+        trainer = getattr(self, "trainer", None)
+        world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+        stream = torch.utils.data.RandomSampler(
+            self.dataset, replacement=True, num_samples=world * self.total_steps * self.batch_size,
             generator=torch.Generator().manual_seed(self.seed),
         )
+        sampler = RankShardSampler(stream, world, rank)
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
 

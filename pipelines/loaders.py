@@ -34,6 +34,7 @@ while the checkpoint is dumped, which all ranks do), so each rank resumes with i
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator, Sized
@@ -118,6 +119,29 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         start, self.start = self.start, 0
         return iter(self.order(self.epoch)[start:].tolist())
+
+
+class RankShardSampler(torch.utils.data.Sampler[int]):
+    """Rank ``rank``'s share of an index stream that every rank draws identically: the positions
+    ``rank, rank + W, rank + 2W, ...`` of ``base`` (``W = num_replicas``), as ``DistributedSampler``
+    shards a permutation. For samplers that are not permutations, e.g. a seeded
+    ``RandomSampler(replacement=True, num_samples=W * n)``: the W ranks then together take the first
+    ``W * n`` draws, each draw once, and with W = 1 the stream is ``base`` itself.
+
+    Hand it to a ``DataLoader`` of a fit with ``use_distributed_sampler=False`` (Lightning would
+    otherwise wrap it a second time).
+    """
+
+    def __init__(self, base: torch.utils.data.Sampler[int], num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ConfigError(f"RankShardSampler: rank {rank} of num_replicas {num_replicas}")
+        self.base, self.num_replicas, self.rank = base, int(num_replicas), int(rank)
+
+    def __len__(self) -> int:
+        return max(0, math.ceil((len(self.base) - self.rank) / self.num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.rank, None, self.num_replicas)
 
 
 class ResumableDataLoader(DataLoader):

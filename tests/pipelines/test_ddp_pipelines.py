@@ -168,3 +168,44 @@ def test_trainer_applies_sync_batchnorm_setting(tmp_path):
     assert trainer.num_devices == 2 and trainer.strategy._layer_sync is None
     # evaluation trainers (no module) never convert
     assert RunContext("x", tmp_path, TrainerConfig(**cpu_ddp, sync_batchnorm=True)).trainer().strategy._layer_sync is None
+
+
+def test_rank_shard_sampler_splits_one_stream():
+    from threefold.pipelines.loaders import RankShardSampler
+
+    def stream(n: int):
+        return torch.utils.data.RandomSampler(range(7), replacement=True, num_samples=n,
+                                              generator=torch.Generator().manual_seed(3))
+
+    single = list(stream(12))
+    assert list(RankShardSampler(stream(12))) == single  # W = 1: the stream itself
+    shards = [list(RankShardSampler(stream(36), 3, r)) for r in range(3)]
+    assert [len(s) for s in shards] == [12, 12, 12]
+    woven = [shards[p % 3][p // 3] for p in range(36)]
+    assert woven == list(stream(36))  # every draw of the 3-rank stream taken by exactly one rank
+    assert shards[0] != shards[1]  # ranks train on different draws (before: every rank the same shapes)
+    assert len(RankShardSampler(stream(7), 2, 1)) == 3 == len(list(RankShardSampler(stream(7), 2, 1)))
+
+
+def test_bspnet_ranks_draw_different_shapes():
+    from types import SimpleNamespace
+
+    from threefold.pipelines.bspnet import BSPDataModule
+
+    data = {"voxels": np.zeros((9, 2, 2, 2, 1), np.uint8)}
+    for r in (16, 32, 64):
+        data[f"points_{r}"] = np.zeros((9, 1, 3), np.uint8)
+        data[f"values_{r}"] = np.zeros((9, 1, 1), np.uint8)
+
+    def indices(world: int, rank: int) -> list[int]:
+        dm = BSPDataModule(data, batch_size=2, total_steps=5, seed=1)
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        return list(dm.train_dataloader().sampler)
+
+    one = indices(1, 0)
+    assert one == list(torch.utils.data.RandomSampler(range(9), replacement=True, num_samples=10,
+                                                      generator=torch.Generator().manual_seed(1)))
+    r0, r1 = indices(2, 0), indices(2, 1)
+    assert len(r0) == len(r1) == 10 and r0 != r1
+    assert sorted(r0 + r1) == sorted(torch.utils.data.RandomSampler(range(9), replacement=True, num_samples=20,
+                                                                    generator=torch.Generator().manual_seed(1)))

@@ -137,6 +137,20 @@ def _context(pipeline: str, args: argparse.Namespace, trainer_cfg: Any, run_dir:
     return RunContext(pipeline, run_dir, trainer_cfg, data, resume)
 
 
+def external_launch(env: Any = None) -> tuple[int, str] | None:
+    """``(global rank, job name)`` when torchrun or SLURM's srun started this process as one rank of
+    several (each rank then runs the whole command line itself), else ``None``. The job name
+    (``torchrun-<rdzv id>``, ``slurm-<job id>.<step id>``) names the run folder, which every rank
+    can compute without talking to the others; Lightning picks the same launchers up
+    (``TorchElasticEnvironment``, ``SLURMEnvironment``)."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return int(env["RANK"]), f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from threefold.pipelines.config import dump_config, read_yaml, resolve_config
     from threefold.pipelines.engine import new_run_dir, write_metrics
@@ -146,6 +160,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.data is not None and not args.data.exists():
         raise MissingFileError(f"--data {args.data} does not exist")
     inherited = os.environ.get(ENV_RUN_DIR)
+    launched = None if inherited else external_launch()
+    # ranks other than 0 train and evaluate but leave config, metrics and report to rank 0
+    secondary = bool(inherited) or (launched is not None and launched[0] != 0)
     if inherited:  # a DDP child process: same folder and mode as its parent
         run_dir, resume = Path(inherited), os.environ.get(ENV_RESUME) == "1"
         cfg = resolve_config(pipe.config_class, overrides=read_yaml(run_dir / "config.yaml"))
@@ -156,13 +173,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.overrides or args.config:
             raise ConfigError("--resume continues a run with its stored config; drop the overrides and --config")
         cfg = resolve_config(pipe.config_class, overrides=read_yaml(run_dir / "config.yaml"))
+    elif launched is not None:  # torchrun / srun: every rank resolves the same command line itself
+        cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
+        run_dir, resume = (args.runs_dir / pipe.name / launched[1]).resolve(), False
+        if not secondary and (run_dir / "metrics.json").exists():
+            raise ConfigError(f"run folder {run_dir} of job {launched[1]} holds a finished run; give the job another "
+                              "id (torchrun --rdzv-id) or resume it with --resume")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not secondary:
+            dump_config(cfg, run_dir / "config.yaml")
     else:
         cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
         run_dir, resume = new_run_dir(args.runs_dir, pipe.name).resolve(), False
         dump_config(cfg, run_dir / "config.yaml")
-    if args.data is None and not inherited and (run_dir / "data_path.txt").is_file():
+    if args.data is None and not secondary and (run_dir / "data_path.txt").is_file():
         args.data = Path((run_dir / "data_path.txt").read_text().strip())
-    elif args.data is not None and not inherited:
+    elif args.data is not None and not secondary:
         (run_dir / "data_path.txt").write_text(str(args.data.resolve()))
     ctx = _context(pipe.name, args, cfg.trainer, run_dir, resume)
     saved = {k: os.environ.get(k) for k in (ENV_RUN_DIR, ENV_RESUME)}
@@ -175,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if not inherited:
+    if not secondary:
         write_metrics(run_dir / "metrics.json", metrics)
         _print_summary(metrics)
         print(f"report: {_figures_and_report(pipe, cfg, run_dir, metrics)}")
@@ -228,7 +254,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pipe = get_pipeline(args.pipeline)
     cfg = resolve_config(pipe.config_class, pipe.name, args.config, args.overrides)
     inherited = os.environ.get(ENV_RUN_DIR)  # a DDP child (trainer.devices=N): the parent's eval folder
-    run_dir = Path(inherited) if inherited else new_run_dir(args.runs_dir, f"{pipe.name}-eval").resolve()
+    launched = None if inherited else external_launch()
+    if inherited:
+        run_dir = Path(inherited)
+    elif launched is not None:  # torchrun / srun ranks: one folder named after the job
+        run_dir = (args.runs_dir / f"{pipe.name}-eval" / launched[1]).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = new_run_dir(args.runs_dir, f"{pipe.name}-eval").resolve()
     saved = {k: os.environ.get(k) for k in (ENV_RUN_DIR, ENV_RESUME)}
     os.environ[ENV_RUN_DIR], os.environ[ENV_RESUME] = str(run_dir), "0"
     try:
@@ -239,7 +272,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if not inherited:
+    if not inherited and (launched is None or launched[0] == 0):
         write_metrics(run_dir / "metrics.json", metrics)
         _print_summary(metrics)
         print(f"run folder: {run_dir}")

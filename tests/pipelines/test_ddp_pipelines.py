@@ -209,3 +209,41 @@ def test_bspnet_ranks_draw_different_shapes():
     assert len(r0) == len(r1) == 10 and r0 != r1
     assert sorted(r0 + r1) == sorted(torch.utils.data.RandomSampler(range(9), replacement=True, num_samples=20,
                                                                     generator=torch.Generator().manual_seed(1)))
+
+
+def test_external_launch_detection():
+    from threefold.pipelines.cli import external_launch
+
+    assert external_launch({}) is None
+    assert external_launch({"TORCHELASTIC_RUN_ID": "j1", "RANK": "1", "WORLD_SIZE": "4"}) == (1, "torchrun-j1")
+    assert external_launch({"TORCHELASTIC_RUN_ID": "j1", "RANK": "0", "WORLD_SIZE": "1"}) is None
+    slurm = {"SLURM_PROCID": "3", "SLURM_JOB_ID": "777", "SLURM_STEP_ID": "2", "SLURM_NTASKS": "8"}
+    assert external_launch(slurm) == (3, "slurm-777.2")
+    assert external_launch({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: an ordinary run
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_one_run_folder(tmp_path, test_data):
+    """``torchrun --nproc-per-node=2 -m threefold.pipelines.cli run ...`` (the multi-node path of
+    docs/scaling.md on one machine): both ranks write into one folder named after the job, rank 0
+    alone writes metrics, every test node is counted once, and a 1-process `threefold eval` of the
+    checkpoint gives the same accuracy."""
+    cora = test_data / "planetoid" / "raw"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("THREEFOLD_RUN_DIR", "THREEFOLD_RESUME"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", "--rdzv-id=job42", "-m", "threefold.pipelines.cli", "run", "planetoid-gcn",
+           "--data", str(cora), "num_seeds=1", "trainer.max_epochs=20", "trainer.devices=2", "trainer.strategy=ddp",
+           "trainer.accelerator=cpu"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (run,) = (tmp_path / "runs" / "planetoid-gcn").iterdir()
+    assert run.name == "torchrun-job42"
+    ddp = json.loads((run / "metrics.json").read_text())["per_seed"][0]
+    assert ddp["test_count"] == 1000
+    out = threefold("eval", "planetoid-gcn", "--checkpoint", str(run / "seed0" / "checkpoints" / "last.ckpt"),
+                    "--data", str(cora), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = json.loads((_only(tmp_path / "runs" / "planetoid-gcn-eval") / "metrics.json").read_text())
+    assert single["test_count"] == 1000 and single["test_acc"] == pytest.approx(ddp["test_acc"], abs=1e-9)

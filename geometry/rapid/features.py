@@ -349,54 +349,59 @@ def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: t
                  ranges: tuple[float, ...], delta: float | None, k_max: int, origin: Sequence[float] | None,
                  d_range: tuple[float, float] | None, r_range: tuple[float, float] | None,
                  normalize: bool, search: str = "window") -> torch.Tensor:
+    """The row operations on torch tensors. On a GPU a scan is launch-bound, so frame-wide extremes
+    are masked reductions (no boolean indexing, which synchronises) and the RoI-less points are
+    gathered away only when there are any."""
     dev = coord.device
     n = coord.shape[0]
+    f64 = dict(dtype=torch.float64, device=dev)
     out = torch.zeros((n, k_max), dtype=torch.float32, device=dev)
-    if n == 0 or not bool((roi >= 0).any()):
-        return out
     sel = torch.nonzero(roi >= 0).squeeze(1)
-    c = coord[sel].double()
-    o = torch.zeros(3, dtype=torch.float64, device=dev) if origin is None else torch.as_tensor(
-        origin, dtype=torch.float64, device=dev)
-    rng = torch.linalg.vector_norm(c - o, dim=1)
-    k_pt = torch.as_tensor(k, device=dev)[torch.searchsorted(torch.as_tensor(ranges, dtype=torch.float64, device=dev),
-                                                            rng, right=True)]
+    m = sel.numel()
+    if m == 0:
+        return out
+    every = m == n  # R-RAPiD: every point has a ring
+    c = coord.double() if every else coord[sel].double()
+    o = None if origin is None else torch.as_tensor(origin, **f64)
+    rng = torch.linalg.vector_norm(c if o is None else c - o, dim=1)
+    k_pt = torch.as_tensor(k, device=dev)[torch.searchsorted(torch.as_tensor(ranges, **f64), rng, right=True)]
     if search == "cdist":
         _, idx, dist = _knn_torch(coord, roi, max(k))
+        dist = dist.double()
     else:
-        idx, dist = azimuth_window_knn(c, roi[sel], k_pt, o)
+        idx, dist = azimuth_window_knn(c, roi if every else roi[sel], k_pt, o, k_max=max(k))
     col = torch.arange(idx.shape[1], device=dev)
-    valid = (idx >= 0) & (col[None, :] < k_pt[:, None])
+    valid = (col < k_pt[:, None]) & (idx >= 0)
     remf = rem.double()
-    rsel = remf[sel]
-    dr = rsel[:, None] - rsel[idx.clamp_min(0)]
-    d = torch.where(valid, dist.double(), torch.zeros((), dtype=torch.float64, device=dev))
-    if d_range is None:
-        dv = d[valid]
-        d_lo, d_hi = (dv.min(), dv.max()) if dv.numel() else (d.new_zeros(()), d.new_zeros(()))
+    rsel = remf if every else remf[sel]
+    dr = rsel[:, None] - rsel[idx.clamp(min=0)]
+    inf = torch.tensor(float("inf"), **f64)
+    if d_range is None:  # D_min, D_max over the frame's neighbour pairs; (0, 0) when there are none
+        d_lo = torch.where(valid, dist, inf).amin()
+        d_hi = torch.where(valid, dist, -inf).amax()
+        d_width = torch.where(d_hi >= d_lo, d_hi - d_lo, 0.0)
     else:
-        d_lo, d_hi = (torch.tensor(float(v), dtype=torch.float64, device=dev) for v in d_range)
+        d_width = torch.tensor(float(d_range[1]) - float(d_range[0]), **f64)
     if r_range is None:
-        r_lo, r_hi = remf.min(), remf.max()
+        r_lo, r_hi = torch.aminmax(remf)
+        span = r_hi - r_lo
     else:
-        r_lo, r_hi = (torch.tensor(float(v), dtype=torch.float64, device=dev) for v in r_range)
-    span = r_hi - r_lo
-    s = torch.where(span > 0, (d_hi - d_lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                    torch.zeros_like(span))
-    rho = torch.sqrt(d * d + (dr * s) ** 2)
-    rho = torch.where(valid, rho, torch.full_like(rho, float("inf")))
-    rho, _ = torch.sort(rho, dim=1)
+        span = torch.tensor(float(r_range[1]) - float(r_range[0]), **f64)
+    s = torch.where(span > 0, d_width / torch.where(span > 0, span, 1.0), 0.0)
+    rho = torch.sqrt(dist.square() + (dr * s).square_()).masked_fill_(~valid, float("inf"))
+    rho = torch.sort(rho, dim=1).values
     n_valid = valid.sum(dim=1)
-    if normalize:
-        finite = torch.isfinite(rho)
-        top = rho[finite].max() if bool(finite.any()) else rho.new_zeros(())
-        rho = torch.where(top > 0, rho / torch.where(top > 0, top, torch.ones_like(top)), rho)
+    if normalize:  # by the frame's largest ρ (rows hold ρ ≥ 0 or inf)
+        top = torch.where(rho < inf, rho, 0.0).amax()
+        rho = rho / torch.where(top > 0, top, 1.0)
     if delta is not None:
         rho = torch.clamp(rho, max=float(delta))
-    last = torch.gather(rho, 1, (n_valid - 1).clamp_min(0)[:, None])
-    cap = torch.where(n_valid[:, None] > 0, last, torch.zeros_like(last))
+    last = torch.gather(rho, 1, (n_valid - 1).clamp(min=0)[:, None])
+    cap = torch.where(n_valid[:, None] > 0, last, 0.0)
     rows = torch.where(col[None, :] < n_valid[:, None], rho, cap).float()
-    out[sel, : rows.shape[1]] = rows
     if rows.shape[1] < k_max:
-        out[sel, rows.shape[1]:] = rows[:, -1:]
+        rows = torch.cat([rows, rows[:, -1:].expand(-1, k_max - rows.shape[1])], 1)
+    if every:
+        return rows
+    out[sel] = rows
     return out

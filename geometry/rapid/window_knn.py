@@ -14,8 +14,8 @@ through the sensor; for Δ > π/2 the bound is ρ_q), in 3D as in the xy-plane. 
 candidate distance is below that bound, no excluded point can displace any of its k nearest, and the
 window's answer is the exact kNN. Queries that fail the check (depth edges, points near the sensor's
 axis, class RoIs whose members share an azimuth at many ranges) are searched again with a window
-``WINDOW_GROWTH`` times wider; a window that covers the whole RoI is exact by definition, so the loop
-ends after at most log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
+``WINDOW_GROWTH`` times wider, or at once with windows covering their whole RoI (exact by definition,
+the last round) when the remaining queries are few enough; at most log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
 (C-RAPiD) are exact too, only with more retries.
 
 Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 40 bytes each).
@@ -46,7 +46,7 @@ _TWO_PI = 2.0 * math.pi
 
 
 def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
-                       window: int = WINDOW, stats: dict | None = None) -> tuple[Tensor, Tensor]:
+                       window: int = WINDOW, stats: dict | None = None, k_max: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``k_pt[j]`` nearest points of each point j inside its own RoI, self excluded (exact).
 
     Args:
@@ -58,16 +58,22 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         window: candidates per side in the first round.
         stats: if a dict is given, ``stats["rounds"]`` receives a list of (window, queries searched)
             per round (for tests and benchmarks).
+        k_max: an upper bound of ``k_pt`` known to the caller (saves a device synchronisation).
 
     Returns:
-        idx (M, K) int64 row indices into ``coord`` and dist (M, K) float64 3D distances, K = max(k_pt),
-        nearest first. Columns beyond ``k_pt[j]`` hold further candidates (not guaranteed to be the
-        true next neighbours; callers mask them). A RoI of m <= k_pt[j] points gives its points
-        m - 1 neighbours, the rest of the row -1 / inf.
+        idx (M, K) int64 row indices into ``coord`` and dist (M, K) float64 3D distances, K = k_max or
+        max(k_pt), nearest first. Columns beyond ``k_pt[j]`` hold further candidates (not guaranteed
+        to be the true next neighbours; callers mask them). A RoI of m <= k_pt[j] points gives its
+        points m - 1 neighbours, the rest of the row -1 / inf.
+
+    Written for few kernel launches (a scan's search is launch-bound on a GPU, not compute-bound): the
+    first round works on views of the sorted arrays, rows are written unconditionally (a failed
+    query's row is overwritten by a later round) and the only synchronisations are the sizes of the
+    failed sets.
     """
     dev = coord.device
     m = coord.shape[0]
-    kq = int(k_pt.max()) if m else 1
+    kq = (int(k_pt.max()) if m else 1) if k_max is None else int(k_max)
     idx_s = torch.full((m, kq), -1, dtype=torch.long, device=dev)
     dist_s = torch.full((m, kq), float("inf"), dtype=torch.float64, device=dev)
     if stats is not None:
@@ -76,68 +82,70 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         return idx_s, dist_s
     x = coord.double()
     rel = x if origin is None else x - origin.to(device=dev, dtype=torch.float64)
-    phi = torch.atan2(rel[:, 1], rel[:, 0])
-    phi = torch.where(phi < 0, phi + _TWO_PI, phi)  # [0, 2π]
-    rxy = torch.hypot(rel[:, 0], rel[:, 1])
+    phi = torch.remainder(torch.atan2(rel[:, 1], rel[:, 0]), _TWO_PI)  # [0, 2π)
     _, rank, counts = torch.unique(roi, return_inverse=True, return_counts=True)
-    # one sort by (RoI, azimuth): rank·8 + φ keeps RoIs apart since φ <= 2π < 8
+    # one sort by (RoI, azimuth): rank·8 + φ keeps RoIs apart since φ < 2π < 8
     order = torch.argsort(rank.double() * 8.0 + phi)
-    starts = torch.cumsum(counts, 0) - counts
-    rk = rank[order]
-    st, ln = starts[rk], counts[rk]
-    loc = torch.arange(m, device=dev) - st
-    sx, sy, sz = (x[order, c].contiguous() for c in range(3))
-    phis, rs, ks = phi[order], rxy[order], k_pt[order]
+    # per sorted point, packed so that a round gathers them at once: RoI start, RoI length L, position
+    # inside the RoI, ⌊(L-1)/2⌋ and L-1-⌊(L-1)/2⌋ (the most candidates a window can take left / right
+    # before it wraps onto itself), and the column of its own k-th neighbour
+    first = (torch.cumsum(counts, 0) - counts)[rank[order]]
+    length = counts[rank[order]]
+    half = torch.div(length - 1, 2, rounding_mode="floor")
+    meta = torch.stack([first, length, torch.arange(m, device=dev) - first, half, length - 1 - half,
+                        k_pt[order].long() - 1], 1)
+    xs = x[order].T.contiguous()  # (3, M): a candidate gather is one index op, the sum over xyz contiguous
+    polar = torch.stack([phi, torch.linalg.vector_norm(rel[:, :2], dim=1)], 1)[order]  # φ, distance from the axis
     max_len = int(counts.max())
     budget = PAIR_BUDGET.get(dev.type, PAIR_BUDGET["cpu"])
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev)
 
     w = max(int(window), (kq + 1) // 2)  # 2w candidates must hold the k nearest
-    todo: Tensor | None = None  # None: every query (first round, no gather of the query set)
+    todo: Tensor | None = None  # None: every query (first round, views instead of gathers)
     while True:
         n_todo = m if todo is None else todo.numel()
         if n_todo == 0:
             break
+        w = min(w, max_len)  # a window as wide as the largest RoI covers every RoI: the last round
+        last = w == max_len
         if stats is not None:
             stats["rounds"].append((w, n_todo))
-        w_eff = min(w, max_len)  # a window wider than the largest RoI covers every RoI
-        off = torch.cat([torch.arange(-w_eff, 0, device=dev), torch.arange(1, w_eff + 1, device=dev)])
-        step = max(1, budget // off.numel())
+        # offsets -w-1, -w..-1, 1..w, w+1: the outer two are the first excluded points of a window
+        # that does not cover its RoI (a = b = w), whose azimuths the exactness check needs
+        off = torch.arange(2 * w + 2, device=dev) - (w + 1)
+        off += off >= 0
+        step = max(1, budget // (2 * w + 2))
         failed = []
         for s in range(0, n_todo, step):
-            q = torch.arange(s, min(n_todo, s + step), device=dev) if todo is None else todo[s:s + step]
-            length, i, first = ln[q], loc[q], st[q]
-            # a, b: candidates taken on the left and the right; a + b = L - 1 covers the whole RoI
-            a = torch.clamp((length - 1) // 2, max=w_eff)
-            b = torch.minimum(length - 1 - a, torch.full_like(a, w_eff))
-            valid = (off[None, :] >= -a[:, None]) & (off[None, :] <= b[:, None])
-            cand = first[:, None] + torch.remainder(i[:, None] + off[None, :], length[:, None])
-            d2 = (sx[cand] - sx[q, None]).square_()
-            d2.add_((sy[cand] - sy[q, None]).square_()).add_((sz[cand] - sz[q, None]).square_())
-            d2.masked_fill_(~valid, float("inf"))
-            kk = min(kq, off.numel())
-            best, at = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
-            best_c = cand.gather(1, at)
-            whole = (a + b) == (length - 1)
-            # exactness check: the query's own k-th distance against the azimuth-gap bound
-            left = first + torch.remainder(i - a - 1, length)
-            right = first + torch.remainder(i + b + 1, length)
-            gap = torch.minimum(torch.remainder(phis[q] - phis[left], _TWO_PI),
-                                torch.remainder(phis[right] - phis[q], _TWO_PI)).clamp_(max=math.pi / 2)
+            e = min(n_todo, s + step)
+            q: slice | Tensor = slice(s, e) if todo is None else todo[s:e]
+            f, length_q, i, h, r, kcol = meta[q].unbind(1)
+            # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
+            outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
+            cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
+            d2 = (xs.index_select(1, cand.view(-1)).view(3, *cand.shape) - xs[:, q, None]).square_().sum(0)
+            d2.masked_fill_(outside, float("inf"))
+            best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
+            idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
+            dist_s[q] = best
+            if last:
+                continue  # every window covers its RoI: exact without a check
+            # exactness check (module docstring), for windows that do not cover their RoI (r > w)
+            gap = torch.remainder((polar[q, :1] - polar[cand[:, [0, -1]], 0]) * sign, _TWO_PI).amin(1)
+            bound = polar[q, 1] * torch.sin(gap.clamp_(max=math.pi / 2))
             # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
-            bound = (rs[q] * torch.sin(gap) - 1e-9).clamp_min(0.0)
-            kth = best.gather(1, (ks[q] - 1).clamp(max=kk - 1)[:, None]).squeeze(1)
-            ok = whole | (kth < bound.square())
-            found = torch.isfinite(best)
-            rows = q[ok]
-            idx_s[rows, :kk] = torch.where(found, best_c, torch.full_like(best_c, -1))[ok]
-            dist_s[rows, :kk] = best.sqrt()[ok]
-            failed.append(q[~ok])
+            kth2 = best.gather(1, kcol[:, None]).squeeze(1)
+            bad = (kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)
+            miss = torch.nonzero(bad).squeeze(1)
+            failed.append(miss + s if todo is None else todo[s:e][miss])
+        if last:
+            break
         todo = torch.cat(failed)
-        w *= WINDOW_GROWTH
+        # widen; straight to whole RoIs when that fits in two blocks (each round costs launches)
+        w = max_len if todo.numel() * (2 * max_len + 2) <= 2 * budget else w * WINDOW_GROWTH
     # back from sorted positions to input rows
-    idx_o = torch.where(idx_s >= 0, order[idx_s.clamp_min(0)], idx_s)
-    idx = torch.empty_like(idx_o)
+    idx = torch.empty_like(idx_s)
     dist = torch.empty_like(dist_s)
-    idx[order] = idx_o
-    dist[order] = dist_s
+    idx[order] = torch.where(dist_s < float("inf"), order[idx_s], -1)
+    dist[order] = dist_s.sqrt_()
     return idx, dist

@@ -156,6 +156,19 @@ def test_window_features_class_rois_and_ignored_points():
     np.testing.assert_allclose(got.numpy(), rapid_features(coord, rem, roi_ign), atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [dict(d_range=(0.1, 5.0), r_range=(0.0, 2.0)), dict(normalize=False),
+                                     dict(delta=None, k_max=12, origin=(1.0, 2.0, 0.5)),
+                                     dict(k=(8, 6, 3), ranges=(10.0, 25.0))])
+def test_window_options_equal_kdtree_path(options):
+    # the kd-tree path is held to the loop reference with these options in test_rapid_features.py
+    coord, roi = awkward_cloud(3)
+    rem = np.random.default_rng(1).uniform(0, 1, len(coord)).astype(np.float32)
+    roi[:9] = -1
+    want = rapid_features(coord, rem, roi, **options)
+    got = rapid_features(*(torch.from_numpy(a) for a in (coord, rem, roi)), search="window", **options)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+
+
 def test_window_c_rapid_rigid_invariance():
     coord, roi = awkward_cloud(6)
     rem = np.random.default_rng(6).uniform(0, 1, len(coord)).astype(np.float32)

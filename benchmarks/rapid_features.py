@@ -146,6 +146,28 @@ def _time(fn: Callable[[], object], repeats: int, cuda: bool = False) -> tuple[f
     return med, statistics.median(cpu), out
 
 
+def _count_ops(fn: Callable[[], object]) -> int:
+    """Operators dispatched by ``fn``, views excluded: on a GPU each is a kernel launch (or host work),
+    which bounds a launch-bound search from below."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor, torch.ops.aten.select.int,
+             torch.ops.aten.squeeze.dim, torch.ops.aten.lift_fresh.default, torch.ops.aten.unbind.int,
+             torch.ops.aten.view.default, torch.ops.aten.expand.default, torch.ops.aten.alias.default,
+             torch.ops.aten.t.default, torch.ops.aten.detach.default, torch.ops.aten.transpose.int}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            Count.n += func not in views
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = Path(os.environ.get("THREEFOLD_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -230,6 +252,10 @@ def main() -> None:
     rng = torch.linalg.vector_norm(x.double(), dim=1)
     k_pt = torch.where(rng < RANGES[0], K[0], torch.where(rng < RANGES[1], K[1], K[2]))
     azimuth_window_knn(x, torch.from_numpy(ring).to(args.device), k_pt, stats=stats)
+    on_dev = [torch.from_numpy(a).to(args.device) for a in (coord, rem, ring)]
+    n_ops = _count_ops(lambda: rapid_features(*on_dev, search="window"))
+    print(f"torch ops dispatched per call (window search, {args.device}): {n_ops} (on a GPU each a kernel "
+          "launch or host work)")
     print("window search rounds (candidates per side, queries): "
           + ", ".join(f"({w}, {q:,})" for w, q in stats["rounds"]) + f"; first window {WINDOW}")
     print()

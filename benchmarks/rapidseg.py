@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--precision", default="", help="comma-separated inference precisions (default fp32,fp16 on "
                     "CUDA, fp32 on CPU)")
     ap.add_argument("--checkpoint", default="", help="R-RAPiD-Seg weights for the agreement figure")
+    ap.add_argument("--profile", action="store_true", help="after the table, the top GPU kernels of three "
+                    "R-RAPiD-Seg inferences per precision (torch.profiler)")
     ap.add_argument("--fp32-accum", action="store_true", help="float32 accumulation in every fp16 sparse conv "
                     "(default: spconv's heuristic)")
     args = ap.parse_args()
@@ -163,6 +165,8 @@ def main() -> None:
             head = f"{params / 1e6:.2f} M | {n_vox} | {t_train * 1e3:.1f} ms" if first else " | | "
             print(f"| {name} | {head} | {precision} | {t_inf * 1e3:.1f} ms | {t_streams * 1e3:.1f} ms | "
                   f"{t_e2e * 1e3:.1f} ms | {agree:.4%} | {mem}{' (train + inference)' if first else ''} |")
+        if args.profile and variant == "r":
+            profiles = {p: profile_inference(net, coords[0], rems[0], zero, rapid[0], p) for p in precisions}
         del net, opt
     print()
     for precision in precisions:
@@ -172,6 +176,24 @@ def main() -> None:
         print(f"{precision}: ratio R-RAPiD-Seg / MinkUNet34: train step (fp32) {ours[0] / base[0]:.2f}x, inference "
               f"{ours[1] / base[1]:.2f}x (end to end {ours[2] / base[2]:.2f}x)")
     print("paper: about 105 ms per frame; target < 35 ms for R-RAPiD-Seg inference (net)")
+    if args.profile:
+        for precision, table in profiles.items():
+            print(f"\nR-RAPiD-Seg inference, {precision}, 3 calls (torch.profiler, by device time):\n{table}")
+
+
+def profile_inference(net: RAPiDSeg, coord: torch.Tensor, rem: torch.Tensor, batch: torch.Tensor, rapid: torch.Tensor,
+                      precision: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if coord.is_cuda else [])
+    net.predict(coord, rem, batch, rapid, precision=precision)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            net.predict(coord, rem, batch, rapid, precision=precision)
+        if coord.is_cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if coord.is_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
 
 
 def load_weights(net: RAPiDSeg, path: str) -> None:

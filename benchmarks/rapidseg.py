@@ -176,6 +176,8 @@ def main() -> None:
         print(f"{precision}: ratio R-RAPiD-Seg / MinkUNet34: train step (fp32) {ours[0] / base[0]:.2f}x, inference "
               f"{ours[1] / base[1]:.2f}x (end to end {ours[2] / base[2]:.2f}x)")
     print("paper: about 105 ms per frame; target < 35 ms for R-RAPiD-Seg inference (net)")
+    triton_dw = device.type == "cuda" and sparse.USE_TRITON and sparse._depthwise_triton() is not None
+    print(f"depth-wise convs of the autoencoder (inference): {'Triton kernel' if triton_dw else 'torch loop'}")
     if args.profile:
         for precision, table in profiles.items():
             print(f"\nR-RAPiD-Seg inference, {precision}, 3 calls (torch.profiler, by device time):\n{table}")

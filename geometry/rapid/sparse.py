@@ -225,8 +225,11 @@ class DepthwiseSubMConv3d(nn.Module):
         triton_conv = _depthwise_triton() if features.is_cuda and not needs_grad and USE_TRITON else None
         if triton_conv is not None:
             # one kernel instead of 27 materialised gathers (geometry/rapid/depthwise_triton.py)
-            out = triton_conv(features, table, self.weight)
-            return out + self.bias if self.bias is not None else out
+            try:
+                out = triton_conv(features, table, self.weight)
+                return out + self.bias if self.bias is not None else out
+            except Exception as err:  # a Triton that cannot compile here: the torch loop, said once
+                _disable_triton(err)
         out = torch.zeros_like(features, dtype=torch.promote_types(features.dtype, self.weight.dtype))
         padded = torch.cat([features, features.new_zeros(1, features.shape[1])], 0)  # row -1 = empty neighbour
         for k in range(table.shape[0]):  # 27 offsets, each a vectorised gather over all voxels
@@ -237,6 +240,15 @@ class DepthwiseSubMConv3d(nn.Module):
 
 #: Run :class:`DepthwiseSubMConv3d` through the Triton kernel for CUDA inputs that need no gradient.
 USE_TRITON = True
+
+
+def _disable_triton(err: Exception) -> None:
+    global USE_TRITON
+    USE_TRITON = False
+    import warnings
+
+    warnings.warn(f"DepthwiseSubMConv3d: the Triton kernel failed ({type(err).__name__}: {err}); using the torch loop",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _depthwise_triton() -> Any:

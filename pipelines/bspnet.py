@@ -261,7 +261,8 @@ def evaluate_shapes(module: BSPNetModule, data_path: Path, out_dir: Path, ev: di
     voxels = data["voxels"][:n]
     gt_pts, gt_nrm, gt_source = ground_truth_surface(data_path, voxels, seed)
     meshes = mesh_shapes(module, voxels, ev)
-    acc, hull_acc = PointSetMetrics(), PointSetMetrics()
+    # scored in one process (rank 0 after a DDP fit) over every shape: no cross-rank sync at compute()
+    acc, hull_acc = PointSetMetrics(sync_on_compute=False), PointSetMetrics(sync_on_compute=False)
     rows = []
     for k, mesh in enumerate(meshes):
         name = shape_names[k]
@@ -371,7 +372,10 @@ class ShapeNetBSPNet(Pipeline):
         module = BSPNetModule(hp)
         total = sum(s for _, _, s in module.stages)
         dm = BSPDataModule(read_imnet_hdf5(train_path), cfg.trainer.batch_size, total, cfg.seed, cfg.trainer.num_workers)
-        trainer = ctx.fit(module, dm, max_steps=total, max_epochs=-1, use_distributed_sampler=False)
+        # Which parameters take part in the loss depends on the phase (W only in phase 0; T enters phases
+        # 1-2 through a non-differentiable threshold): DDP must look for unused ones at each step.
+        unused = {"strategy": "ddp_find_unused_parameters_true"} if cfg.trainer.strategy == "ddp" else {}
+        trainer = ctx.fit(module, dm, max_steps=total, max_epochs=-1, use_distributed_sampler=False, **unused)
         result: dict[str, Any] = {
             "pipeline": self.name,
             "data": "embedded procedural sample" if ctx.data is None else str(ctx.data),

@@ -239,7 +239,7 @@ def _link_metrics(embs: dict[str, torch.Tensor], split, num_nodes: int, seed: in
         probe = lambda std: HadamardLinkProbe(z.shape[1], standardise=std).fit(  # noqa: E731
             z, half, train_neg, torch.Generator().manual_seed(seed))(z, pairs).detach()
         for key, scores in (("dot", dot_product_scores(z, pairs)), ("hadamard-mlp", probe(True)), ("hadamard-mlp-raw", probe(False))):
-            acc = BinaryRankingMetrics()
+            acc = BinaryRankingMetrics(sync_on_compute=False)  # every rank scores all pairs itself
             acc.update(scores, target)
             res = acc.compute()
             out[f"link/{key}[ROC-AUC]"][name] = float(res["ROC-AUC"])

@@ -389,7 +389,8 @@ def sample_and_score(
 def _score(mols: list[tuple[np.ndarray, np.ndarray]], train_smiles: set[str]) -> dict[str, float]:
     from threefold.pipelines.metrics.molecules import MoleculeGenerationMetrics
 
-    acc = MoleculeGenerationMetrics(training_smiles=train_smiles)
+    # every sample scored in this process (rank 0 after a DDP fit): no cross-rank sync at compute()
+    acc = MoleculeGenerationMetrics(training_smiles=train_smiles, sync_on_compute=False)
     acc.update(mols)
     return {k: float(v) for k, v in acc.compute().items()}
 

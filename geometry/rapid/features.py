@@ -375,10 +375,10 @@ def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: t
     remf = rem.double()
     rsel = remf if every else remf[sel]
     dr = rsel[:, None] - rsel[idx.clamp(min=0)]
-    inf = torch.tensor(float("inf"), **f64)
+    inf = float("inf")
     if d_range is None:  # D_min, D_max over the frame's neighbour pairs; (0, 0) when there are none
-        d_lo = torch.where(valid, dist, inf).amin()
-        d_hi = torch.where(valid, dist, -inf).amax()
+        d_lo = dist.masked_fill(~valid, inf).amin()
+        d_hi = dist.masked_fill(~valid, -inf).amax()
         d_width = torch.where(d_hi >= d_lo, d_hi - d_lo, 0.0)
     else:
         d_width = torch.tensor(float(d_range[1]) - float(d_range[0]), **f64)

@@ -131,7 +131,7 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
             if last:
                 continue  # every window covers its RoI: exact without a check
             # exactness check (module docstring), for windows that do not cover their RoI (r > w)
-            gap = torch.remainder((polar[q, :1] - polar[cand[:, [0, -1]], 0]) * sign, _TWO_PI).amin(1)
+            gap = torch.remainder((polar[q, :1] - polar[torch.stack([cand[:, 0], cand[:, -1]], 1), 0]) * sign, _TWO_PI).amin(1)
             bound = polar[q, 1] * torch.sin(gap.clamp_(max=math.pi / 2))
             # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
             kth2 = best.gather(1, kcol[:, None]).squeeze(1)

@@ -48,7 +48,6 @@ def kitti_reference(kitti, tmp_path_factory):
     return entries
 
 
-@pytest.mark.slow
 def test_resume_after_kill(kitti, kitti_reference, tmp_path):
     out = tmp_path / "cache"
     proc = _cli("semantickitti", "--data", str(kitti), "--out", str(out), "--workers", "1")

@@ -279,3 +279,20 @@ def test_rank_zero_evaluation_survives_ddp(tmp_path, pipeline):
         assert "sampling" in metrics and metrics["sampling"]
     else:
         assert metrics["num_shapes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_trainer_syncs_batchnorm_on_two_gpus(tmp_path):
+    """The automatic rule on a GPU host: 2 GPUs + batch norm -> SyncBatchNorm; 1 GPU or none -> plain."""
+    from threefold.pipelines.config import TrainerConfig
+    from threefold.pipelines.engine import RunContext
+
+    bn = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ln = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    gpu = dict(accelerator="gpu", strategy="ddp", enable_progress_bar=False)
+    assert RunContext("x", tmp_path, TrainerConfig(**gpu, devices=2)).trainer(bn).strategy._layer_sync is not None
+    assert RunContext("x", tmp_path, TrainerConfig(**gpu, devices=2)).trainer(ln).strategy._layer_sync is None
+    assert RunContext("x", tmp_path, TrainerConfig(**gpu, devices=1)).trainer(bn).strategy._layer_sync is None
+    off = TrainerConfig(**gpu, devices=2, sync_batchnorm=False)
+    assert RunContext("x", tmp_path, off).trainer(bn).strategy._layer_sync is None

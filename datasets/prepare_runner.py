@@ -94,7 +94,14 @@ def run_prepare(items: Sequence[T], build: Callable[[T], Any], done: Callable[[T
         raise ConfigError(f"{desc}: workers={workers}; expected at least 1")
     t0 = time.perf_counter()
     mine = shard_items(items, shard, key)
-    todo = [item for item in mine if not done(item)]
+    todo = []
+    for item in mine:
+        try:
+            finished = done(item)
+        except Exception as exc:  # noqa: BLE001 — e.g. an input vanished between listing and hashing
+            raise _fail(desc, item, exc) from exc
+        if not finished:
+            todo.append(item)
     with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
         if workers == 1 or len(todo) <= 1:
             for item in todo:

@@ -67,6 +67,14 @@ def test_failing_item_is_named(tmp_path, workers):
         run_prepare(good + [bad], partial(Path.touch, exist_ok=True), _done, workers=workers, progress=False)
 
 
+def test_failing_done_check_is_named(tmp_path):
+    def done(item):
+        raise OSError("unreadable input")
+
+    with pytest.raises(PrepareItemError, match=r"item .*entry0 failed: OSError: unreadable input"):
+        run_prepare([tmp_path / "entry0"], Path.touch, done, progress=False)
+
+
 def test_bad_workers(tmp_path):
     with pytest.raises(ConfigError, match="workers=0"):
         run_prepare([tmp_path / "a"], Path.touch, _done, workers=0, progress=False)

@@ -198,6 +198,7 @@ def test_qm9_prepare(qm9, tmp_path):
     one, two = tmp_path / "w1", tmp_path / "w2"
     c1 = prepare_qm9_tokens(qm9, one, workers=1, progress=False, shard_size=25)
     c2 = prepare_qm9_tokens(qm9, two, workers=2, progress=False, shard_size=25)
+    assert (c2["items"], c2["computed"], c2["skipped"]) == (5, 5, 0)
     assert (c1["molecules"], c1["items"], c1["computed"]) == (120, 5, 5)  # 4 x 25 + 20: shards of molecules
     assert _entries(one) == _entries(two) and len(_entries(one)) == 5
     again = prepare_qm9_tokens(qm9, one, workers=2, progress=False, shard_size=25)

@@ -38,7 +38,7 @@ from timing import timed  # benchmarks/timing.py
 from threefold.datasets.semantickitti import lidar_rings, list_scans, read_scan
 from threefold.geometry.rapid.features import rapid_features
 from threefold.geometry.rapid.losses import segmentation_loss
-from threefold.geometry.rapid import sparse
+from threefold.geometry.rapid import minkunet, sparse
 from threefold.geometry.rapid.rapidseg import RAPiDSeg
 
 
@@ -116,6 +116,7 @@ def main() -> None:
           "of which voxels + streams | + RAPiD features | labels = fp32 | peak memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
+    notes: list[str] = []
     for name, variant in (("MinkUNet34", "none"), ("R-RAPiD-Seg", "r")):
         torch.manual_seed(0)
         net = RAPiDSeg(variant=variant, voxel_size=args.voxel).to(device)
@@ -165,6 +166,16 @@ def main() -> None:
             head = f"{params / 1e6:.2f} M | {n_vox} | {t_train * 1e3:.1f} ms" if first else " | | "
             print(f"| {name} | {head} | {precision} | {t_inf * 1e3:.1f} ms | {t_streams * 1e3:.1f} ms | "
                   f"{t_e2e * 1e3:.1f} ms | {agree:.4%} | {mem}{' (train + inference)' if first else ''} |")
+        if variant == "r" and device.type == "cuda" and minkunet.FUSE_BN_INFERENCE:
+            # the folded BatchNorm (one spconv kernel per conv + BN + ReLU) against the unfused layers
+            fused = net.predict(coords[0], rems[0], zero, rapid[0])
+            minkunet.FUSE_BN_INFERENCE = False
+            t_unfused = timed(lambda: net.predict(coords[0], rems[0], zero, rapid[0]).argmax(1), args.steps, device)
+            unfused = net.predict(coords[0], rems[0], zero, rapid[0])
+            minkunet.FUSE_BN_INFERENCE = True
+            notes.append(f"BatchNorm folding (R-RAPiD-Seg, fp32): unfused inference {t_unfused * 1e3:.1f} ms; "
+                         f"max |Δlogit| fused vs unfused {(fused - unfused).abs().max().item():.2e} "
+                         f"(logit std {unfused.std().item():.2e})")
         if args.profile and variant == "r":
             profiles = {p: profile_inference(net, coords[0], rems[0], zero, rapid[0], p) for p in precisions}
         del net, opt
@@ -178,6 +189,9 @@ def main() -> None:
     print("paper: about 105 ms per frame; target < 35 ms for R-RAPiD-Seg inference (net)")
     triton_dw = device.type == "cuda" and sparse.USE_TRITON and sparse._depthwise_triton() is not None
     print(f"depth-wise convs of the autoencoder (inference): {'Triton kernel' if triton_dw else 'torch loop'}")
+    print(f"BatchNorm folded into the sparse convs at inference: {device.type == 'cuda' and minkunet.FUSE_BN_INFERENCE}")
+    for note in notes:
+        print(note)
     if args.profile:
         for precision, table in profiles.items():
             print(f"\nR-RAPiD-Seg inference, {precision}, 3 calls (torch.profiler, by device time):\n{table}")

@@ -12,6 +12,9 @@ Differences from MinkowskiEngine: spconv's "conv" downsampling creates a coarse 
 occupied 2×2×2 block (ME's generalised conv does the same); the transposed conv returns exactly onto
 the fine sites of its encoder level (ME's ``MinkowskiConvolutionTranspose`` also does, through the
 shared coordinate manager). ``width`` scales every channel count (the CI model uses 0.25–0.5).
+
+Inference on CUDA folds each BatchNorm (and its ReLU) into the preceding sparse conv
+(:data:`FUSE_BN_INFERENCE`): the same function in eval mode, one kernel per layer instead of three.
 """
 
 from __future__ import annotations
@@ -20,13 +23,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from threefold.datasets.errors import ConfigError
 from threefold.geometry.rapid.sparse import SparseConv3d
 
 MINKUNET34_LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
 MINKUNET34_CHANNELS = (32, 64, 128, 256, 256, 128, 96, 96)
+
+
+#: At inference on CUDA, fold each BatchNorm (and the ReLU after it) into its sparse conv: one spconv
+#: kernel with a per-channel bias and activation in its epilogue, instead of conv, BN and ReLU kernels
+#: (about 70 layers). Eval mode only, where BN is a fixed affine map; training and the CPU are unchanged.
+FUSE_BN_INFERENCE = True
 
 
 class _ConvBNReLU(nn.Module):
@@ -36,11 +45,52 @@ class _ConvBNReLU(nn.Module):
         self.conv = SparseConv3d(cin, cout, kernel, stride, kind=kind, indice_key=key)
         self.bn = nn.BatchNorm1d(cout)
         self.relu = relu
+        self._fold: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Any) -> Any:
+        if FUSE_BN_INFERENCE and not self.training and x.features.is_cuda:
+            try:
+                return self.conv.forward_with(x, *self.folded(_inference_dtype(x.features)), relu=self.relu)
+            except Exception as err:  # an spconv without this epilogue: the unfused layers, said once
+                _disable_fusion(err)
         x = self.conv(x)
         f = self.bn(x.features)
         return x.replace_feature(f.relu() if self.relu else f)
+
+    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Weight ``W·γ/√(σ²+ε)`` (scaled per output channel, KRSC) and bias ``β - μγ/√(σ²+ε)`` (plus the
+        conv's own bias, scaled) of conv + eval-mode BatchNorm, in ``dtype``; cached until a parameter,
+        a running statistic or the dtype changes."""
+        bn, w = self.bn, self.conv.conv.weight
+        tensors = (w, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.conv.bias)
+        key = (dtype, *((t.data_ptr(), t._version) for t in tensors if t is not None))
+        if self._fold is None or self._fold[0] != key:
+            with torch.no_grad():
+                scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                shift = bn.bias.double() - bn.running_mean.double() * scale
+                if self.conv.bias is not None:
+                    shift = shift + self.conv.bias.double() * scale
+                if self.conv.conv.conv1x1:  # spconv multiplies by weight.view(C_in, C_out) there
+                    weight = (w.double().reshape(-1, w.shape[0]) * scale).reshape(w.shape)
+                else:  # KRSC: output channels first
+                    weight = w.double() * scale.view(-1, *([1] * (w.dim() - 1)))
+                self._fold = (key, weight.to(dtype).contiguous(), shift.to(dtype).contiguous())
+        return self._fold[1], self._fold[2]
+
+
+def _inference_dtype(features: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
+        return torch.float16
+    return features.dtype
+
+
+def _disable_fusion(err: Exception) -> None:
+    global FUSE_BN_INFERENCE
+    FUSE_BN_INFERENCE = False
+    import warnings
+
+    warnings.warn(f"MinkUNet34: folding BatchNorm into spconv failed ({type(err).__name__}: {err}); running the "
+                  "layers unfused", RuntimeWarning, stacklevel=3)
 
 
 class BasicBlock(nn.Module):

@@ -119,6 +119,23 @@ class SparseConv3d(nn.Module):
             out = out.replace_feature(out.features + self.bias)
         return out
 
+    def forward_with(self, x: Any, weight: Tensor, bias: Tensor | None, relu: bool = False) -> Any:
+        """Eval-mode CUDA conv with the given ``weight`` (KRSC, the conv's shape) and ``bias``, and a
+        ReLU, all inside spconv's implicit-GEMM epilogue: how :class:`~threefold.geometry.rapid.minkunet`
+        runs a conv + BatchNorm + ReLU folded into one kernel at inference. The features are cast to
+        the weight's dtype. CUDA only: spconv's CPU kernels take neither bias nor activation (item 2)."""
+        from cumm import tensorview as tv
+
+        c = self.conv
+        c.algo = self._cuda_algo
+        if c.conv1x1:  # spconv runs 1×1 convs as a plain matmul, without fused activation
+            act, relu_after = tv.gemm.Activation.None_, relu
+        else:
+            act, relu_after = (tv.gemm.Activation.ReLU if relu else tv.gemm.Activation.None_), False
+        out = c._conv_forward(False, x.replace_feature(x.features.to(weight.dtype)), weight, bias, name=c.name,
+                              sparse_unique_name=c._sparse_unique_name, act_type=act, act_alpha=0.0, act_beta=0.0)
+        return out.replace_feature(out.features.relu_()) if relu_after else out
+
     def _half_weight(self) -> Tensor:
         """float16 copy of the conv weight, made again only when the weight changes (an optimiser
         step bumps its version, ``.to()`` moves its storage)."""

@@ -236,3 +236,32 @@ def test_depthwise_triton_kernel_equals_torch_loop(dtype):
         tol = 1e-5 if dtype == torch.float32 else 2e-3 * ref.abs().max().item()
         torch.testing.assert_close(got.double().cpu(), ref, atol=tol, rtol=1e-3 if dtype == torch.float16 else 1e-5)
         torch.testing.assert_close(via_module.float(), loop.float(), atol=tol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind, kernel, stride, relu", [("subm", 3, 1, True), ("subm", 1, 1, False),
+                                                        ("conv", 2, 2, True)])
+def test_folded_batchnorm_equals_conv_bn_relu(kind, kernel, stride, relu):
+    """The weights and bias of the BatchNorm folding used at inference on CUDA (minkunet.FUSE_BN_INFERENCE),
+    applied here with spconv's CPU kernel plus the bias and ReLU that CUDA puts in its epilogue."""
+    from threefold.geometry.rapid.minkunet import _ConvBNReLU
+    from threefold.geometry.rapid.sparse import sparse_tensor, voxelize
+
+    torch.manual_seed(0)
+    layer = _ConvBNReLU(6, 8, kernel, stride, kind=kind, key=f"k{kind}{kernel}", relu=relu)
+    with torch.no_grad():  # statistics and affine parameters away from the identity
+        layer.bn.running_mean.uniform_(-1, 1)
+        layer.bn.running_var.uniform_(0.5, 2.0)
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-0.5, 0.5)
+    layer.eval()
+    coord = torch.rand(2000, 3) * 6
+    idx, _ = voxelize(coord, torch.zeros(2000, dtype=torch.long), 0.3)
+    feats = torch.randn(len(idx), 6)
+    with torch.no_grad():
+        want = layer(sparse_tensor(feats, idx, 1)).features  # CPU: conv, BN, ReLU
+        weight, bias = layer.folded(torch.float32)
+        c = layer.conv.conv
+        got = c._conv_forward(False, sparse_tensor(feats, idx, 1), weight, None, name=c.name,
+                              sparse_unique_name=c._sparse_unique_name).features + bias
+    torch.testing.assert_close(got.relu() if relu else got, want, atol=1e-5, rtol=1e-5)
+    assert layer.folded(torch.float16)[0].dtype == torch.float16

@@ -48,13 +48,14 @@ def kitti_reference(kitti, tmp_path_factory):
     return entries
 
 
+@pytest.mark.slow  # two subprocess runs (~7 s) plus the shared fixtures
 def test_resume_after_kill(kitti, kitti_reference, tmp_path):
     out = tmp_path / "cache"
     proc = _cli("semantickitti", "--data", str(kitti), "--out", str(out), "--workers", "1")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         n = len(list(out.rglob("*.entry"))) if out.exists() else 0
-        if 4 <= n < 12:  # some, not all: kill it half-way
+        if 2 <= n < 15:  # some, not all of 16: kill it half-way
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)

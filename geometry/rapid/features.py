@@ -143,8 +143,9 @@ def rapid_features(coord: np.ndarray | torch.Tensor, remission: np.ndarray | tor
         km = _check(tuple(c.shape), r.shape[0], g.shape[0], k, ranges, k_max)
         if g.dtype.is_floating_point or g.dtype == torch.bool:
             raise DataFormatError(f"rapid_features: roi must be integer ids, got dtype {g.dtype}")
-        out = _rapid_torch(c, r, g.long(), k, ranges, delta, km, origin, d_range, r_range, normalize,
-                           "cdist" if search == "cdist" else "window")
+        with torch.no_grad():  # not differentiable (a neighbour search); spares autograd's per-op work
+            out = _rapid_torch(c, r, g.long(), k, ranges, delta, km, origin, d_range, r_range, normalize,
+                               "cdist" if search == "cdist" else "window")
         return out if is_torch else out.numpy()
     as_np = (lambda a: a.detach().cpu().numpy()) if is_torch else np.asarray
     c, r = as_np(coord), as_np(torch.as_tensor(remission) if is_torch else remission).reshape(-1)

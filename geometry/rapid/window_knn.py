@@ -18,7 +18,8 @@ axis, class RoIs whose members share an azimuth at many ranges) are searched aga
 the last round) when the remaining queries are few enough; at most log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
 (C-RAPiD) are exact too, only with more retries.
 
-Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 40 bytes each).
+Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 50 bytes each:
+about 420 MiB at the CUDA budget).
 Distances are float64 by explicit differences, as the kd-tree computes them on the NumPy path.
 Among exactly equidistant candidates at the k-th place the choice is ``topk``'s (the kd-tree's is its
 own); such ties only change a feature when the tied points differ in remission.
@@ -123,7 +124,8 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
             # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
             outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
             cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
-            d2 = (xs.index_select(1, cand.view(-1)).view(3, *cand.shape) - xs[:, q, None]).square_().sum(0)
+            diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
+            d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
             d2.masked_fill_(outside, float("inf"))
             best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
             idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end

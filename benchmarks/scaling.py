@@ -9,7 +9,7 @@ SPEC`` process that resolves the pipeline's shipped config with the overrides be
 ``run`` with a :class:`~threefold.pipelines.engine.RunContext`: the same ``RunContext.fit`` and
 Lightning ``Trainer`` as ``threefold run P trainer.devices=N trainer.strategy=ddp``, Lightning's DDP
 launcher starting the other ranks (NCCL on GPUs, gloo on CPU), ``trainer.sync_batchnorm`` left to its
-automatic rule. A callback times the training steps and ends the processes when the window is done
+automatic rule; the 1-GPU baseline is a plain single-device run (``trainer.strategy=auto``). A callback times the training steps and ends the processes when the window is done
 (the pipelines' evaluation is not part of a training benchmark).
 
 Timing: after ``--warmup`` steps, CUDA events recorded at the end of each training step on each rank
@@ -59,7 +59,7 @@ PIPELINES = ("semantickitti-rapidseg", "hcp-nestedmorph", "brats-multilevel", "q
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 COMMON = ["trainer.deterministic=false", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=50",
-          "trainer.max_epochs=1000", "trainer.strategy=ddp"]
+          "trainer.max_epochs=1000"]
 
 # pipeline -> (per-GPU batch, overrides at the papers' sizes, overrides for --smoke, warm-up, timed steps)
 SIZES: dict[str, dict] = {
@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = size["smoke_steps"] if args.smoke else max(3, round(size["steps"] * args.steps_scale))
             overrides = [*COMMON, *(size["smoke"] if args.smoke else size["paper"]), *extra,
                          f"trainer.batch_size={batch}", f"trainer.devices={n}", f"trainer.accelerator={accel}",
+                         # the 1-GPU baseline is an ordinary single-device run, not DDP with one process
+                         f"trainer.strategy={'ddp' if n > 1 else 'auto'}",
                          f"trainer.precision={prec}", *args.extra]
             spec = {"pipeline": pipe, "overrides": overrides, "data": data, "run_dir": f"{tmp}/run{k}",
                     "out": f"{tmp}/result{k}.json", "warmup": warmup, "steps": steps, "batch": batch}

@@ -78,6 +78,11 @@ def preprocessed_case(case: Case, cache_root: str | os.PathLike | None = None) -
     return _from_entry(entry, f"{cache.root} entry of case {case.name}")
 
 
+def _case_exists(case: Case, cache_root: str) -> bool:
+    cache = brats_case_cache(cache_root)
+    return cache.path(cache.key(case_inputs(case))).is_file()
+
+
 def _prepare_one(case: Case, cache_root: str) -> str:
     preprocessed_case(case, cache_root)
     return case.name
@@ -99,12 +104,8 @@ def prepare_brats_cases(data_root: str | os.PathLike, out_root: str | os.PathLik
     if not root.exists():
         raise MissingFileError(f"{root}: BraTS data root does not exist")
     found = list(cases) if cases is not None else list_cases(root, layout)
-    cache = brats_case_cache(out_root)
-
-    def done(case: Case) -> bool:
-        return cache.path(cache.key(case_inputs(case))).is_file()
-
-    counts = run_prepare(found, partial(_prepare_one, cache_root=str(out_root)), done,
+    counts = run_prepare(found, partial(_prepare_one, cache_root=str(out_root)),
+                         partial(_case_exists, cache_root=str(out_root)),
                          workers=default_workers() if workers is None else max(1, int(workers)), shard=shard,
                          desc="BraTS crop + z-score", unit="case", progress=progress,
                          key=lambda c: str(c.images[0]))

@@ -11,8 +11,8 @@ that writes the item's cache entry, and a "done?" predicate (the entry exists). 
 - **resumes**: items whose entry exists are skipped, never recomputed. Entries are written
   atomically (:class:`~threefold.datasets.cache.FeatureCache`), so a killed run loses at most the
   items in flight;
-- computes the rest in ``workers`` spawned processes (1 = in this process), with a tqdm progress
-  bar, and stops at the first failing item with a :class:`PrepareItemError` naming it — an item is
+- computes the rest in ``workers`` spawned processes (1 = in this process; the "done?" check runs
+  there too, so hashing the inputs is parallel as well), with a tqdm progress bar, and stops at the first failing item with a :class:`PrepareItemError` naming it — an item is
   never dropped silently, and the entries finished before it stay for the rerun.
 
 Returns counts ``{"items", "shard_items", "computed", "skipped", "seconds", "items_per_s"}``
@@ -76,6 +76,14 @@ def _fail(desc: str, item: Any, exc: BaseException) -> PrepareItemError:
     return PrepareItemError(f"{desc}: item {_describe(item)} failed: {type(exc).__name__}: {exc}")
 
 
+def _check_and_build(item: T, build: Callable[[T], Any], done: Callable[[T], bool]) -> bool:
+    """True when ``item`` was computed, False when its entry already existed."""
+    if done(item):
+        return False
+    build(item)
+    return True
+
+
 def run_prepare(items: Sequence[T], build: Callable[[T], Any], done: Callable[[T], bool], *,
                 workers: int = 1, shard: tuple[int, int] = (0, 1), desc: str = "prepare", unit: str = "item",
                 progress: bool = True, key: Callable[[T], Any] = str) -> dict[str, Any]:
@@ -83,7 +91,9 @@ def run_prepare(items: Sequence[T], build: Callable[[T], Any], done: Callable[[T
 
     items    the whole dataset's items (every shard passes the same list; they are sorted by ``key``)
     build    module-level (picklable) function writing one item's cache entry; its return is ignored
-    done     predicate, evaluated in this process: True when the item's entry already exists
+    done     module-level (picklable) predicate, True when the item's entry already exists; evaluated
+             where the item would be built (in the workers), so the content hashing it usually does
+             runs in parallel too
     workers  processes; 1 computes in this process (no pickling, easiest to debug)
     shard    ``(i, n)``: this run owns sorted items ``j`` with ``j % n == i``
     """
@@ -94,33 +104,27 @@ def run_prepare(items: Sequence[T], build: Callable[[T], Any], done: Callable[[T
         raise ConfigError(f"{desc}: workers={workers}; expected at least 1")
     t0 = time.perf_counter()
     mine = shard_items(items, shard, key)
-    todo = []
-    for item in mine:
-        try:
-            finished = done(item)
-        except Exception as exc:  # noqa: BLE001 — e.g. an input vanished between listing and hashing
-            raise _fail(desc, item, exc) from exc
-        if not finished:
-            todo.append(item)
-    with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
-        if workers == 1 or len(todo) <= 1:
-            for item in todo:
+    with tqdm(total=len(mine), desc=desc, unit=unit, disable=not progress) as bar:
+        if workers == 1 or len(mine) <= 1:
+            computed = 0
+            for item in mine:
                 try:
-                    build(item)
+                    computed += _check_and_build(item, build, done)
                 except Exception as exc:  # noqa: BLE001 — re-raised with the item's name
                     raise _fail(desc, item, exc) from exc
                 bar.update()
         else:
-            _run_pool(todo, build, min(workers, len(todo)), desc, bar)
+            computed = _run_pool(mine, build, done, min(workers, len(mine)), desc, bar)
     seconds = time.perf_counter() - t0
-    return {"items": len(items), "shard_items": len(mine), "computed": len(todo), "skipped": len(mine) - len(todo),
-            "seconds": seconds, "items_per_s": len(todo) / seconds if seconds > 0 else float("nan")}
+    return {"items": len(items), "shard_items": len(mine), "computed": computed, "skipped": len(mine) - computed,
+            "seconds": seconds, "items_per_s": computed / seconds if seconds > 0 else float("nan")}
 
 
-def _run_pool(todo: list, build: Callable, workers: int, desc: str, bar: Any) -> None:
+def _run_pool(mine: list, build: Callable, done: Callable, workers: int, desc: str, bar: Any) -> int:
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    computed = 0
     try:
-        futures = {pool.submit(build, item): item for item in todo}
+        futures = {pool.submit(_check_and_build, item, build, done): item for item in mine}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -128,6 +132,7 @@ def _run_pool(todo: list, build: Callable, workers: int, desc: str, bar: Any) ->
                 exc = fut.exception()
                 if exc is not None:
                     raise _fail(desc, futures[fut], exc) from exc
+                computed += bool(fut.result())
                 bar.update()
     except BaseException:
         # the first failure (or Ctrl-C) stops the run: queued items are dropped, running ones finish
@@ -135,6 +140,7 @@ def _run_pool(todo: list, build: Callable, workers: int, desc: str, bar: Any) ->
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return computed
 
 
 def default_workers() -> int:

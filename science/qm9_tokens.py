@@ -98,6 +98,11 @@ def shard_entry(shard: QM9Shard, cache_root: str | os.PathLike, octree: str = "q
     return qm9_token_cache(cache_root, octree).get_or_build(list(shard.files), lambda: tokenize_shard(shard, octree))
 
 
+def _shard_exists(shard: QM9Shard, cache_root: str, octree: str) -> bool:
+    cache = qm9_token_cache(cache_root, octree)
+    return cache.path(cache.key(list(shard.files))).is_file()
+
+
 def _prepare_one(shard: QM9Shard, cache_root: str, octree: str) -> int:
     shard_entry(shard, cache_root, octree)
     return shard.index
@@ -115,12 +120,8 @@ def prepare_qm9_tokens(data_root: str | os.PathLike, out_root: str | os.PathLike
     from threefold.datasets.prepare_runner import default_workers, run_prepare
 
     shards = qm9_shards(data_root, shard_size)
-    cache = qm9_token_cache(out_root, octree)
-
-    def done(s: QM9Shard) -> bool:
-        return cache.path(cache.key(list(s.files))).is_file()
-
-    counts = run_prepare(shards, partial(_prepare_one, cache_root=str(out_root), octree=octree), done,
+    counts = run_prepare(shards, partial(_prepare_one, cache_root=str(out_root), octree=octree),
+                         partial(_shard_exists, cache_root=str(out_root), octree=octree),
                          workers=default_workers() if workers is None else max(1, int(workers)), shard=shard,
                          desc="QM9 octree tokens", unit="shard", progress=progress, key=lambda s: s.index)
     return {"cache": Path(out_root), "molecules": sum(len(s.files) for s in shards), **counts}

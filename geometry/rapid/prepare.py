@@ -77,6 +77,14 @@ def c_rapid_rows(cache_root: str | os.PathLike, bin_path: str | os.PathLike, lab
     return cache.get_or_build([bin_path, label_path], build)["rapid"]
 
 
+def _entry_exists(job: tuple[str, str | None], cache_root: str, params: dict[str, Any]) -> bool:
+    """Whether the cache entry of ``job`` (see :func:`_build_one`) exists."""
+    r_cache, c_cache = rapid_caches(cache_root, params["n_beams"], params["k"], params["ranges"], params["delta"],
+                                    params["k_max"])
+    cache, inputs = (r_cache, [job[0]]) if job[1] is None else (c_cache, list(job))
+    return cache.path(cache.key(inputs)).is_file()
+
+
 def _build_one(job: tuple[str, str | None], cache_root: str, params: dict[str, Any]) -> str:
     """Write one cache entry: ``job = (bin, None)`` R-RAPiD rows, ``(bin, label)`` C-RAPiD rows."""
     bin_path, label_path = job
@@ -116,7 +124,7 @@ def prepare_rapid_features(data_root: str | os.PathLike, out_root: str | os.Path
     scans = list_scans(root, [f"{int(s):02d}" for s in sequences])
     if not scans:
         raise MissingFileError(f"{root}: no scans (expected sequences/XX/velodyne/NNNNNN.bin)")
-    r_cache, c_cache = rapid_caches(out_root, n_beams, k, ranges, delta, k_max)
+    rapid_caches(out_root, n_beams, k, ranges, delta, k_max)  # bad parameters fail here, not in every worker
     jobs: list[tuple[str, str | None]] = []  # (bin, None) = R-RAPiD, (bin, label) = C-RAPiD
     for _, _, path in scans:
         label = SemanticKITTI.label_path(path)
@@ -125,12 +133,9 @@ def prepare_rapid_features(data_root: str | os.PathLike, out_root: str | os.Path
         if "c" in variants and label.is_file():
             jobs.append((str(path), str(label)))
 
-    def done(job: tuple[str, str | None]) -> bool:
-        cache, inputs = (r_cache, [job[0]]) if job[1] is None else (c_cache, list(job))
-        return cache.path(cache.key(inputs)).is_file()
-
     params = {"n_beams": n_beams, "k": tuple(k), "ranges": tuple(ranges), "delta": delta, "k_max": k_max}
-    counts = run_prepare(jobs, partial(_build_one, cache_root=str(out_root), params=params), done,
+    counts = run_prepare(jobs, partial(_build_one, cache_root=str(out_root), params=params),
+                         partial(_entry_exists, cache_root=str(out_root), params=params),
                          workers=default_workers() if workers is None else max(1, int(workers)), shard=shard,
                          desc="RAPiD rows", unit="entry", progress=progress, key=lambda j: (j[0], j[1] or ""))
     return {"cache": Path(out_root), "scans": len(scans), **counts}

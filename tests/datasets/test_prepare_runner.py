@@ -4,6 +4,7 @@ items, 1 and 2 worker processes do the same work, a failing item raises naming i
 from __future__ import annotations
 
 import itertools
+import os
 from functools import partial
 from pathlib import Path
 
@@ -39,10 +40,7 @@ def test_parse_shard():
     assert parse_shard("0/1") == (0, 1) and parse_shard("3/4") == (3, 4)
 
 
-def _done(item: Path) -> bool:
-    return item.exists()
-
-
+_done = os.path.exists  # module-level and picklable, as the spawned workers need
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_counts_resume_and_shards(tmp_path, workers):
     items = [tmp_path / f"entry{i:02d}" for i in range(9)]

@@ -117,6 +117,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     notes: list[str] = []
+    profiles: dict[str, str] = {}
     for name, variant in (("MinkUNet34", "none"), ("R-RAPiD-Seg", "r")):
         torch.manual_seed(0)
         net = RAPiDSeg(variant=variant, voxel_size=args.voxel).to(device)
@@ -177,7 +178,11 @@ def main() -> None:
                          f"max |Δlogit| fused vs unfused {(fused - unfused).abs().max().item():.2e} "
                          f"(logit std {unfused.std().item():.2e})")
         if args.profile and variant == "r":
-            profiles = {p: profile_inference(net, coords[0], rems[0], zero, rapid[0], p) for p in precisions}
+            for p in precisions:
+                try:
+                    profiles[p] = profile_inference(net, coords[0], rems[0], zero, rapid[0], p)
+                except Exception as err:  # noqa: BLE001  (a failed precision was reported in the table)
+                    profiles[p] = f"failed: {err}"
         del net, opt
     print()
     for precision in precisions:
@@ -208,8 +213,13 @@ def profile_inference(net: RAPiDSeg, coord: torch.Tensor, rem: torch.Tensor, bat
             net.predict(coord, rem, batch, rapid, precision=precision)
         if coord.is_cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if coord.is_cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    # the device-time key is spelt differently across torch versions; the footer gives CPU vs device totals
+    for key in (["self_device_time_total", "self_cuda_time_total"] if coord.is_cuda else []) + ["self_cpu_time_total"]:
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return "(no profiler table)"
 
 
 def load_weights(net: RAPiDSeg, path: str) -> None:

@@ -14,6 +14,8 @@ is the fallback and the reference (tests/geometry/test_rapidseg_sparse.py, gpu m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -61,7 +63,8 @@ def depthwise_conv_triton(features: Tensor, table: Tensor, weight: Tensor) -> Te
     if m == 0:
         return out
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C))
-    with torch.cuda.device(x.device):
+    # (CPU tensors reach here only under TRITON_INTERPRET=1, the interpreter the kernel is checked with)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _depthwise_kernel[grid](x, table.contiguous(), weight.detach().float().contiguous(), out, m, c,
                                 K=table.shape[0], BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return out

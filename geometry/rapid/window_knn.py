@@ -32,6 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from threefold.datasets.errors import ConfigError
+
 __all__ = ["azimuth_window_knn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET"]
 
 #: Candidates per side of the first window. 16 settles 93 % of the queries of the real 124,668-point
@@ -43,11 +45,33 @@ WINDOW_GROWTH = 4
 #: (query, candidate) pairs per block: a 120k-point scan's first round is one block on a GPU.
 PAIR_BUDGET = {"cuda": 1 << 23, "cpu": 1 << 21}
 
+#: Run the rounds of CUDA searches as one Triton kernel each (geometry/rapid/window_triton.py) when
+#: Triton is installed; the torch rounds otherwise.
+USE_TRITON = True
+
 _TWO_PI = 2.0 * math.pi
 
 
+def _triton_round():
+    try:
+        from threefold.geometry.rapid.window_triton import window_round_triton
+    except ImportError:
+        return None
+    return window_round_triton
+
+
+def _disable_triton(err: Exception) -> None:
+    global USE_TRITON
+    USE_TRITON = False
+    import warnings
+
+    warnings.warn(f"azimuth_window_knn: the Triton round failed ({type(err).__name__}: {err}); using torch rounds",
+                  RuntimeWarning, stacklevel=3)
+
+
 def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
-                       window: int = WINDOW, stats: dict | None = None, k_max: int | None = None) -> tuple[Tensor, Tensor]:
+                       window: int = WINDOW, stats: dict | None = None, k_max: int | None = None,
+                       backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The ``k_pt[j]`` nearest points of each point j inside its own RoI, self excluded (exact).
 
     Args:
@@ -60,6 +84,9 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         stats: if a dict is given, ``stats["rounds"]`` receives a list of (window, queries searched)
             per round (for tests and benchmarks).
         k_max: an upper bound of ``k_pt`` known to the caller (saves a device synchronisation).
+        backend: "torch" (tensor operations, any device), "triton" (one kernel per round,
+            :mod:`~threefold.geometry.rapid.window_triton`) or "auto": Triton for CUDA tensors when it is
+            installed and :data:`USE_TRITON` is set, else torch. Both give the same neighbours.
 
     Returns:
         idx (M, K) int64 row indices into ``coord`` and dist (M, K) float64 3D distances, K = k_max or
@@ -96,11 +123,48 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
     meta = torch.stack([first, length, torch.arange(m, device=dev) - first, half, length - 1 - half,
                         k_pt[order].long() - 1], 1)
     xs = x[order].T.contiguous()  # (3, M): a candidate gather is one index op, the sum over xyz contiguous
-    polar = torch.stack([phi, torch.linalg.vector_norm(rel[:, :2], dim=1)], 1)[order]  # φ, distance from the axis
+    # (2, M): azimuth and distance from the sensor's vertical axis
+    polar = torch.stack([phi, torch.linalg.vector_norm(rel[:, :2], dim=1)])[:, order].contiguous()
     max_len = int(counts.max())
     budget = PAIR_BUDGET.get(dev.type, PAIR_BUDGET["cpu"])
-    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev)
+    kernel = _triton_round() if (backend == "triton" or (backend == "auto" and coord.is_cuda and USE_TRITON)) else None
+    if backend == "triton" and kernel is None:
+        raise ConfigError("azimuth_window_knn(backend='triton'): Triton is not installed")
+    positions = torch.arange(m, device=dev)
 
+    def round_torch(q: slice | Tensor, w: int, check: bool) -> Tensor | None:
+        """Rows ``q`` with windows of ``w`` per side (one block); the failed rows' offsets in ``q``."""
+        f, length_q, i, h, r, kcol = meta[q].unbind(1)
+        # offsets -w-1, -w..-1, 1..w, w+1: the outer two are the first excluded points of a window
+        # that does not cover its RoI (a = b = w), whose azimuths the exactness check needs
+        off = torch.arange(2 * w + 2, device=dev) - (w + 1)
+        off += off >= 0
+        # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
+        outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
+        cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
+        diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
+        d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
+        d2.masked_fill_(outside, float("inf"))
+        best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
+        idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
+        dist_s[q] = best
+        if not check:
+            return None
+        # exactness check (module docstring), for windows that do not cover their RoI (r > w)
+        ends = torch.stack([cand[:, 0], cand[:, -1]], 1)
+        gap = torch.remainder((polar[0, q, None] - polar[0, ends]) * sign, _TWO_PI).amin(1)
+        bound = polar[1, q] * torch.sin(gap.clamp_(max=math.pi / 2))
+        # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
+        kth2 = best.gather(1, kcol[:, None]).squeeze(1)
+        return torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
+
+    def round_triton(q: Tensor, w: int, check: bool) -> Tensor | None:
+        best, cand, bad = kernel(xs, polar[0], polar[1], meta, q, w, kq)
+        idx_s[q] = cand
+        dist_s[q] = best
+        return torch.nonzero(bad).squeeze(1) if check else None
+
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev)
     w = max(int(window), (kq + 1) // 2)  # 2w candidates must hold the k nearest
     todo: Tensor | None = None  # None: every query (first round, views instead of gathers)
     while True:
@@ -111,35 +175,24 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         last = w == max_len
         if stats is not None:
             stats["rounds"].append((w, n_todo))
-        # offsets -w-1, -w..-1, 1..w, w+1: the outer two are the first excluded points of a window
-        # that does not cover its RoI (a = b = w), whose azimuths the exactness check needs
-        off = torch.arange(2 * w + 2, device=dev) - (w + 1)
-        off += off >= 0
-        step = max(1, budget // (2 * w + 2))
         failed = []
-        for s in range(0, n_todo, step):
-            e = min(n_todo, s + step)
-            q: slice | Tensor = slice(s, e) if todo is None else todo[s:e]
-            f, length_q, i, h, r, kcol = meta[q].unbind(1)
-            # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
-            outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
-            cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
-            diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
-            d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
-            d2.masked_fill_(outside, float("inf"))
-            best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
-            idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
-            dist_s[q] = best
-            if last:
-                continue  # every window covers its RoI: exact without a check
-            # exactness check (module docstring), for windows that do not cover their RoI (r > w)
-            gap = torch.remainder((polar[q, :1] - polar[torch.stack([cand[:, 0], cand[:, -1]], 1), 0]) * sign, _TWO_PI).amin(1)
-            bound = polar[q, 1] * torch.sin(gap.clamp_(max=math.pi / 2))
-            # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
-            kth2 = best.gather(1, kcol[:, None]).squeeze(1)
-            bad = (kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)
-            miss = torch.nonzero(bad).squeeze(1)
-            failed.append(miss + s if todo is None else todo[s:e][miss])
+        if kernel is not None:  # one kernel for all the round's queries; its memory is (Q, k) only
+            q = positions if todo is None else todo
+            try:
+                miss = round_triton(q, w, not last)
+            except Exception as err:  # a Triton that cannot compile here: the torch rounds, said once
+                if backend == "triton":
+                    raise
+                kernel = _disable_triton(err)
+            else:
+                failed.append(q[miss] if miss is not None else q[:0])
+        if kernel is None:
+            step = max(1, budget // (2 * w + 2))
+            for s in range(0, n_todo, step):
+                e = min(n_todo, s + step)
+                miss = round_torch(slice(s, e) if todo is None else todo[s:e], w, not last)
+                if miss is not None:
+                    failed.append(miss + s if todo is None else todo[s:e][miss])
         if last:
             break
         todo = torch.cat(failed)

@@ -130,6 +130,56 @@ def test_window_knn_equals_brute_force_on_awkward_rois(window):
     check_knn(coord, roi, k_pt, window=window, origin=torch.tensor([3.0, -4.0, 1.0]))
 
 
+def test_window_knn_small_blocks_and_many_rounds(monkeypatch):
+    from threefold.geometry.rapid import window_knn
+
+    monkeypatch.setitem(window_knn.PAIR_BUDGET, "cpu", 700)  # blocks of a few queries, no early jump
+    coord, _ = ring_scan(3000, 3, beams=8)
+    ring = lidar_rings(coord, 8)
+    k_pt = np.random.default_rng(4).choice([10, 7, 5], len(coord)).astype(np.int64)
+    rounds = check_knn(coord, ring, k_pt, window=1)
+    assert len(rounds) >= 4, rounds
+
+
+def _triton_device(kind: str) -> str:
+    pytest.importorskip("triton")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter runs with TRITON_INTERPRET=1")
+    return "cpu"
+
+
+@pytest.mark.parametrize("kind", [pytest.param("cuda", marks=pytest.mark.gpu), "interpreter"])
+def test_triton_rounds_equal_brute_force(kind, monkeypatch):
+    """The Triton round kernel (geometry/rapid/window_triton.py): same neighbours as brute force, the
+    same failed sets as the torch rounds, on CUDA or in Triton's CPU interpreter."""
+    from threefold.geometry.rapid import window_knn
+
+    device = _triton_device(kind)
+    monkeypatch.setitem(window_knn.PAIR_BUDGET, device, 700)  # several rounds before whole-RoI windows
+    cases = [(ring_scan(2000, 5, beams=8)[0], None), awkward_cloud(6)]
+    for coord, roi in cases:
+        roi = lidar_rings(coord, 8) if roi is None else roi
+        k_pt = np.random.default_rng(7).choice([10, 7, 5], len(coord)).astype(np.int64)
+        want = brute_knn(coord, roi, k_pt)
+        runs = {}
+        for backend in ("triton", "torch"):
+            stats = {}
+            idx, dist = azimuth_window_knn(*(torch.from_numpy(a).to(device) for a in (coord, roi, k_pt)),
+                                           window=2, stats=stats, backend=backend)
+            idx, dist = idx.cpu().numpy(), dist.cpu().numpy()
+            mine = np.arange(idx.shape[1])[None, :] < k_pt[:, None]
+            np.testing.assert_allclose(np.where(mine, dist, np.inf), want, rtol=1e-12, atol=1e-12)
+            ok = mine & (idx >= 0)
+            rows, nb = np.nonzero(ok)[0], idx[ok]
+            assert np.all(roi[nb] == roi[rows]) and np.all(nb != rows)
+            runs[backend] = stats["rounds"]
+        assert runs["triton"] == runs["torch"] and len(runs["torch"]) >= 3, runs
+
+
 def test_window_features_equal_dense_reference():
     coord, rem = ring_scan(3000, 4)
     ring = lidar_rings(coord)

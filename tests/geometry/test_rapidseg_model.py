@@ -4,6 +4,8 @@ CPU-vs-CUDA comparison of one forward pass (gpu marker)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -205,23 +207,29 @@ def test_fp16_inference_agrees_with_fp32():
     assert err < 0.1 * scale and agree > 0.95
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [pytest.param("cuda", marks=pytest.mark.gpu), "interpreter"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_depthwise_triton_kernel_equals_torch_loop(dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def test_depthwise_triton_kernel_equals_torch_loop(dtype, kind):
+    """The Triton depth-wise conv (geometry/rapid/depthwise_triton.py) against the float64 torch loop, on
+    CUDA or in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     pytest.importorskip("triton")
+    if kind == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if kind == "interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter runs with TRITON_INTERPRET=1")
+    device = "cuda" if kind == "cuda" else "cpu"
     from threefold.geometry.rapid import sparse
     from threefold.geometry.rapid.depthwise_triton import depthwise_conv_triton
 
     g = torch.Generator().manual_seed(8)
-    ijk = torch.unique(torch.randint(0, 40, (60000, 4), generator=g) * torch.tensor([0, 1, 1, 1])
-                       + torch.tensor([1, 0, 0, 0]) * torch.randint(0, 2, (60000, 1), generator=g), dim=0)
+    n, extent = (60000, 40) if kind == "cuda" else (3000, 12)
+    ijk = torch.unique(torch.randint(0, extent, (n, 4), generator=g) * torch.tensor([0, 1, 1, 1])
+                       + torch.tensor([1, 0, 0, 0]) * torch.randint(0, 2, (n, 1), generator=g), dim=0)
     for channels in (128, 40):  # a multiple of the channel block and not
-        dw = sparse.DepthwiseSubMConv3d(channels).cuda()
-        idx = ijk.int().cuda()
+        dw = sparse.DepthwiseSubMConv3d(channels).to(device)
+        idx = ijk.int().to(device)
         table = dw.neighbour_table(idx, dw.offsets)
-        x = torch.randn(len(idx), channels, generator=g).to("cuda", dtype)
+        x = torch.randn(len(idx), channels, generator=g).to(device, dtype)
         with torch.no_grad():
             got = depthwise_conv_triton(x, table, dw.weight)
             assert got.dtype == dtype

@@ -16,9 +16,11 @@ Implementations, timed in the same process on the same points and rings:
   for k_max + 1 with ``workers`` threads, then the same vectorised row operations (written here);
 * per-point loop: one NumPy distance pass per point over its ring, timed on ``--loop-points`` points
   and extrapolated linearly to the whole scan (marked "extrapolated");
-* ours, torch window (``--device cpu`` or ``cuda``; the default search on GPUs): points sorted by (ring,
+* ours, window (``--device cpu`` or ``cuda``; the default search on GPUs): points sorted by (ring,
   azimuth), a fixed window of candidates per query in one batched pass, exact by an azimuth-gap bound,
-  wider retries where it fails (geometry/rapid/window_knn.py); the table's notes give the rounds;
+  wider retries where it fails (geometry/rapid/window_knn.py); the rounds are printed. On CUDA with
+  Triton installed each round is one kernel (geometry/rapid/window_triton.py); the torch rounds are timed
+  too;
 * ours, torch cdist: the previous exhaustive search, blocked ``torch.cdist`` + ``topk`` in RoI batches
   (``--no-cdist`` skips it).
 
@@ -220,19 +222,28 @@ def main() -> None:
                             float(np.abs(got.numpy() - ours).max())))
         base = t_ours
     else:
+        from threefold.geometry.rapid import window_knn
+
         c, r, g = (torch.from_numpy(a).cuda() for a in (coord, rem, ring))
-        t_gpu, _, got = _time(lambda: rapid_features(c, r, g, search="window"), args.repeats, cuda=True)
         ref = None
         try:
             ref = rapid_features(coord, rem, ring, workers=args.workers)
         except ImportError:  # no scipy on the GPU machine: no CPU reference
             pass
-        results.append(("ours, torch CUDA (azimuth window)", t_gpu, None, "",
-                        float(np.abs(got.cpu().numpy() - ref).max()) if ref is not None else None))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        rapid_features(c, r, g, search="window")
-        print(f"peak CUDA memory (window search): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        triton_ok = window_knn._triton_round() is not None
+        # the default (Triton rounds where Triton is installed), then the torch rounds
+        for use_triton in ([True, False] if triton_ok else [False]):
+            window_knn.USE_TRITON = use_triton
+            t_gpu, _, got = _time(lambda: rapid_features(c, r, g, search="window"), args.repeats, cuda=True)
+            label = "Triton rounds" if window_knn.USE_TRITON else "torch rounds"  # (a failed Triton falls back)
+            results.append((f"ours, CUDA azimuth window ({label})", t_gpu, None, "",
+                            float(np.abs(got.cpu().numpy() - ref).max()) if ref is not None else None))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            rapid_features(c, r, g, search="window")
+            print(f"peak CUDA memory (window search, {label}): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        window_knn.USE_TRITON = True
+        t_gpu = results[0][1]
         if not args.no_cdist:
             t_cd, _, got_cd = _time(lambda: rapid_features(c, r, g, search="cdist"), max(1, args.repeats // 3),
                                     cuda=True)
@@ -252,10 +263,17 @@ def main() -> None:
     rng = torch.linalg.vector_norm(x.double(), dim=1)
     k_pt = torch.where(rng < RANGES[0], K[0], torch.where(rng < RANGES[1], K[1], K[2]))
     azimuth_window_knn(x, torch.from_numpy(ring).to(args.device), k_pt, stats=stats)
+    from threefold.geometry.rapid import window_knn
+
     on_dev = [torch.from_numpy(a).to(args.device) for a in (coord, rem, ring)]
-    n_ops = _count_ops(lambda: rapid_features(*on_dev, search="window"))
-    print(f"torch ops dispatched per call (window search, {args.device}): {n_ops} (on a GPU each a kernel "
-          "launch or host work)")
+    counts = []
+    for use_triton in (False, True) if args.device == "cuda" and window_knn._triton_round() else (False,):
+        window_knn.USE_TRITON = use_triton
+        counts.append(f"{_count_ops(lambda: rapid_features(*on_dev, search='window'))} with "
+                      f"{'Triton' if use_triton else 'torch'} rounds")
+    window_knn.USE_TRITON = True
+    print(f"torch ops dispatched per call (window search, {args.device}): {', '.join(counts)} (on a GPU each a "
+          "kernel launch or host work; a Triton kernel launch is not counted)")
     print("window search rounds (candidates per side, queries): "
           + ", ".join(f"({w}, {q:,})" for w, q in stats["rounds"]) + f"; first window {WINDOW}")
     print()

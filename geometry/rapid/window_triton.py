@@ -114,7 +114,7 @@ def window_round_triton(xs: Tensor, phi: Tensor, rho: Tensor, meta: Tensor, q: T
         with torch.cuda.device(xs.device) if xs.is_cuda else contextlib.nullcontext():
             _window_round_kernel[(triton.cdiv(nq, BLOCK_Q),)](
                 xs, phi, rho, meta, q, d2, pos, bad, nq, xs.shape[1], w, KP=kp, BLOCK_Q=BLOCK_Q,
-                num_warps=NUM_WARPS,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,  # distances round as in the torch rounds
             )
     d2, order = d2.sort(dim=1)
     return d2[:, :k], pos.gather(1, order[:, :k]), bad.bool()

@@ -18,13 +18,18 @@ Implementations, timed in the same process on the same points and rings:
   and extrapolated linearly to the whole scan (marked "extrapolated");
 * ours, window (``--device cpu`` or ``cuda``; the default search on GPUs): points sorted by (ring,
   azimuth), a fixed window of candidates per query in one batched pass, exact by an azimuth-gap bound,
-  wider retries where it fails (geometry/rapid/window_knn.py); the rounds are printed. On CUDA with
-  Triton installed each round is one kernel (geometry/rapid/window_triton.py); the torch rounds are timed
-  too;
+  wider retries where it fails (geometry/rapid/window_knn.py); the rounds are printed. On CUDA the
+  torch rounds are the default (faster on an H100: 5.2 vs 9.5 ms); with Triton installed the rounds as
+  one Triton kernel each (geometry/rapid/window_triton.py, ``backend="triton"``) are timed too;
 * ours, torch cdist: the previous exhaustive search, blocked ``torch.cdist`` + ``topk`` in RoI batches
   (``--no-cdist`` skips it).
 
 With ``--device cuda`` the peak CUDA memory of one window-search call is printed.
+
+``--sweep-first-window 12 16 24 32`` (torch rounds, any device) prints one timed row per first-window
+width, with its rounds and its largest difference from the default's rows (the search is exact, so 0);
+``--sweep-whole-roi-pairs`` does the same for :data:`~threefold.geometry.rapid.window_knn.WHOLE_ROI_PAIRS`
+(the size at which the remaining queries jump to whole-RoI windows) at the default first window.
 
 Each time is the median (and the minimum, the figure least disturbed by other processes on a shared
 machine; the load average is printed) of ``--repeats`` runs after one warm-up (CUDA: synchronised). Ratio = time /
@@ -170,6 +175,39 @@ def _count_ops(fn: Callable[[], object]) -> int:
     return Count.n
 
 
+def sweep(on_dev: list[torch.Tensor], args: argparse.Namespace, x: torch.Tensor, k_pt: torch.Tensor) -> None:
+    """One timed row per first window (``--sweep-first-window``) and per whole-RoI jump threshold
+    (``--sweep-whole-roi-pairs``), torch rounds; "max |Δ|" against the defaults' rows (exact: 0)."""
+    from threefold.geometry.rapid import window_knn
+
+    dev = args.device
+    window_knn.USE_TRITON = False
+    default_w, default_pairs = window_knn.WINDOW, dict(window_knn.WHOLE_ROI_PAIRS)
+    ref = rapid_features(*on_dev, search="window")
+    ring = on_dev[2]
+    cases = [(w, None) for w in args.sweep_first_window] + [(default_w, p) for p in args.sweep_whole_roi_pairs]
+    print(f"\nsweep, torch rounds on {dev} (defaults: first window {default_w}, whole-RoI jump at "
+          f"{default_pairs.get(dev, 'two blocks')} pairs):")
+    print("| first window | whole-RoI jump (pairs) | wall time per scan (median) | min | rounds (window, queries) | max abs diff vs default |")
+    print("|---:|---:|---:|---:|---|---:|")
+    try:
+        for w, pairs in cases:
+            window_knn.WINDOW = w
+            if pairs is not None:
+                window_knn.WHOLE_ROI_PAIRS[dev] = pairs
+            t, _, got = _time(lambda: rapid_features(*on_dev, search="window"), args.repeats, cuda=dev == "cuda")
+            stats: dict = {}
+            window_knn.azimuth_window_knn(x, ring, k_pt, stats=stats)
+            rounds = " → ".join(f"({rw}, {q:,})" for rw, q in stats["rounds"])
+            jump = default_pairs.get(dev, "two blocks") if pairs is None else pairs
+            diff = (got - ref).abs().max().item()
+            print(f"| {w} | {jump} | {t * 1e3:.2f} ms | {_MIN[t] * 1e3:.2f} ms | {rounds} | {diff:.1e} |")
+    finally:
+        window_knn.WINDOW = default_w
+        window_knn.WHOLE_ROI_PAIRS.clear()
+        window_knn.WHOLE_ROI_PAIRS.update(default_pairs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = Path(os.environ.get("THREEFOLD_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -180,6 +218,10 @@ def main() -> None:
     ap.add_argument("--loop-points", type=int, default=2000)
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--no-cdist", action="store_true", help="skip the slow exhaustive torch search")
+    ap.add_argument("--sweep-first-window", type=int, nargs="*", default=[], metavar="W",
+                    help="time the torch rounds once per first window W (candidates per side)")
+    ap.add_argument("--sweep-whole-roi-pairs", type=int, nargs="*", default=[], metavar="P",
+                    help="time the torch rounds once per whole-RoI jump threshold P (query, candidate pairs)")
     args = ap.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -231,8 +273,8 @@ def main() -> None:
         except ImportError:  # no scipy on the GPU machine: no CPU reference
             pass
         triton_ok = window_knn._triton_round() is not None
-        # the default (Triton rounds where Triton is installed), then the torch rounds
-        for use_triton in ([True, False] if triton_ok else [False]):
+        # the default (torch rounds), then the Triton rounds where Triton is installed
+        for use_triton in ([False, True] if triton_ok else [False]):
             window_knn.USE_TRITON = use_triton
             t_gpu, _, got = _time(lambda: rapid_features(c, r, g, search="window"), args.repeats, cuda=True)
             label = "Triton rounds" if window_knn.USE_TRITON else "torch rounds"  # (a failed Triton falls back)
@@ -242,7 +284,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             rapid_features(c, r, g, search="window")
             print(f"peak CUDA memory (window search, {label}): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-        window_knn.USE_TRITON = True
+        window_knn.USE_TRITON = False
         t_gpu = results[0][1]
         if not args.no_cdist:
             t_cd, _, got_cd = _time(lambda: rapid_features(c, r, g, search="cdist"), max(1, args.repeats // 3),
@@ -271,7 +313,7 @@ def main() -> None:
         window_knn.USE_TRITON = use_triton
         counts.append(f"{_count_ops(lambda: rapid_features(*on_dev, search='window'))} with "
                       f"{'Triton' if use_triton else 'torch'} rounds")
-    window_knn.USE_TRITON = True
+    window_knn.USE_TRITON = False
     print(f"torch ops dispatched per call (window search, {args.device}): {', '.join(counts)} (on a GPU each a "
           "kernel launch or host work; a Triton kernel launch is not counted)")
     print("window search rounds (candidates per side, queries): "
@@ -286,6 +328,8 @@ def main() -> None:
         ctxt = "—" if cpu_t is None else f"{cpu_t * 1e3:.0f} ms"
         dtxt = "—" if diff is None else f"{diff:.1e}"
         print(f"| {name} | {ms} | {ctxt} | {n / t:,.0f} | {t / base:.2f} | {dtxt} |")
+    if args.sweep_first_window or args.sweep_whole_roi_pairs:
+        sweep(on_dev, args, x, k_pt)
     if hasattr(os, "getloadavg"):
         print("\nload average after the runs (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg())
 

@@ -15,7 +15,8 @@ candidate distance is below that bound, no excluded point can displace any of it
 window's answer is the exact kNN. Queries that fail the check (depth edges, points near the sensor's
 axis, class RoIs whose members share an azimuth at many ranges) are searched again with a window
 ``WINDOW_GROWTH`` times wider, or at once with windows covering their whole RoI (exact by definition,
-the last round) when the remaining queries are few enough; at most log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
+the last round) when the remaining queries are few enough (:data:`WHOLE_ROI_PAIRS`); at most
+log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
 (C-RAPiD) are exact too, only with more retries.
 
 Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 50 bytes each:
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from threefold.datasets.errors import ConfigError
 
-__all__ = ["azimuth_window_knn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET"]
+__all__ = ["azimuth_window_knn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET", "WHOLE_ROI_PAIRS"]
 
 #: Candidates per side of the first window. 16 settles 93 % of the queries of the real 124,668-point
 #: 64-beam scan at k = 10 / 7 / 5 (benchmarks/rapid_features.py prints the rounds).
@@ -45,9 +46,17 @@ WINDOW_GROWTH = 4
 #: (query, candidate) pairs per block: a 120k-point scan's first round is one block on a GPU.
 PAIR_BUDGET = {"cuda": 1 << 23, "cpu": 1 << 21}
 
-#: Run the rounds of CUDA searches as one Triton kernel each (geometry/rapid/window_triton.py) when
-#: Triton is installed; the torch rounds otherwise.
-USE_TRITON = True
+#: The remaining queries get whole-RoI windows (the last round) once that costs at most this many
+#: (query, candidate) pairs; before, their windows widen by WINDOW_GROWTH. On the real scan the third
+#: round used to be 1,015 queries x 2 x 5,728 candidates (11.6 M pairs, the largest round after the
+#: first); a 256-wide round first settles most of them for 0.5 M pairs. Devices not listed (CPU): two
+#: blocks of PAIR_BUDGET, the previous rule.
+WHOLE_ROI_PAIRS = {"cuda": 1 << 21}
+
+#: backend="auto" on CUDA: the Triton kernel per round (geometry/rapid/window_triton.py) if set, else
+#: the torch rounds. Off: on an H100 (docs/gpu-runs/2026-11-26-h100-rapid-features-window.txt) the whole
+#: search took 5.2 ms with torch rounds and 9.5 ms with Triton rounds; backend="triton" still selects it.
+USE_TRITON = False
 
 _TWO_PI = 2.0 * math.pi
 
@@ -70,8 +79,8 @@ def _disable_triton(err: Exception) -> None:
 
 
 def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
-                       window: int = WINDOW, stats: dict | None = None, k_max: int | None = None,
-                       backend: str = "auto") -> tuple[Tensor, Tensor]:
+                       window: int | None = None, stats: dict | None = None, k_max: int | None = None,
+                       backend: str = "auto", whole_roi_pairs: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``k_pt[j]`` nearest points of each point j inside its own RoI, self excluded (exact).
 
     Args:
@@ -80,13 +89,15 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         k_pt: (M,) int64 neighbours wanted per point, >= 1.
         origin: (3,) sensor position, the azimuth centre (default the coordinate origin). Any centre
             gives exact results; the sensor gives the narrowest windows for ring RoIs.
-        window: candidates per side in the first round.
+        window: candidates per side in the first round (default :data:`WINDOW`, read at call time).
         stats: if a dict is given, ``stats["rounds"]`` receives a list of (window, queries searched)
             per round (for tests and benchmarks).
         k_max: an upper bound of ``k_pt`` known to the caller (saves a device synchronisation).
         backend: "torch" (tensor operations, any device), "triton" (one kernel per round,
             :mod:`~threefold.geometry.rapid.window_triton`) or "auto": Triton for CUDA tensors when it is
-            installed and :data:`USE_TRITON` is set, else torch. Both give the same neighbours.
+            installed and :data:`USE_TRITON` is set (off by default: slower, see there), else torch.
+            Both give the same neighbours.
+        whole_roi_pairs: override of :data:`WHOLE_ROI_PAIRS` for this device (benchmark sweeps).
 
     Returns:
         idx (M, K) int64 row indices into ``coord`` and dist (M, K) float64 3D distances, K = k_max or
@@ -127,17 +138,20 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
     polar = torch.stack([phi, torch.linalg.vector_norm(rel[:, :2], dim=1)])[:, order].contiguous()
     max_len = int(counts.max())
     budget = PAIR_BUDGET.get(dev.type, PAIR_BUDGET["cpu"])
+    whole = WHOLE_ROI_PAIRS.get(dev.type, 2 * budget) if whole_roi_pairs is None else int(whole_roi_pairs)
     kernel = _triton_round() if (backend == "triton" or (backend == "auto" and coord.is_cuda and USE_TRITON)) else None
     if backend == "triton" and kernel is None:
         raise ConfigError("azimuth_window_knn(backend='triton'): Triton is not installed")
     positions = torch.arange(m, device=dev)
+    if kernel is None and m < 2**31 - 1:  # int32 candidate positions: half the bytes of the largest index tensors
+        meta = meta.int()
 
     def round_torch(q: slice | Tensor, w: int, check: bool) -> Tensor | None:
         """Rows ``q`` with windows of ``w`` per side (one block); the failed rows' offsets in ``q``."""
         f, length_q, i, h, r, kcol = meta[q].unbind(1)
         # offsets -w-1, -w..-1, 1..w, w+1: the outer two are the first excluded points of a window
         # that does not cover its RoI (a = b = w), whose azimuths the exactness check needs
-        off = torch.arange(2 * w + 2, device=dev) - (w + 1)
+        off = torch.arange(-(w + 1), w + 1, device=dev, dtype=meta.dtype)
         off += off >= 0
         # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
         outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
@@ -146,16 +160,16 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
         d2.masked_fill_(outside, float("inf"))
         best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
-        idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
+        idx_s[q] = cand.gather(1, at).long()  # -1 where the distance is inf: set once at the end
         dist_s[q] = best
         if not check:
             return None
         # exactness check (module docstring), for windows that do not cover their RoI (r > w)
-        ends = torch.stack([cand[:, 0], cand[:, -1]], 1)
+        ends = torch.stack([cand[:, 0], cand[:, -1]], 1).long()
         gap = torch.remainder((polar[0, q, None] - polar[0, ends]) * sign, _TWO_PI).amin(1)
         bound = polar[1, q] * torch.sin(gap.clamp_(max=math.pi / 2))
         # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
-        kth2 = best.gather(1, kcol[:, None]).squeeze(1)
+        kth2 = best.gather(1, kcol[:, None].long()).squeeze(1)
         return torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
 
     def round_triton(q: Tensor, w: int, check: bool) -> Tensor | None:
@@ -165,7 +179,7 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         return torch.nonzero(bad).squeeze(1) if check else None
 
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev)
-    w = max(int(window), (kq + 1) // 2)  # 2w candidates must hold the k nearest
+    w = max(int(WINDOW if window is None else window), (kq + 1) // 2)  # 2w candidates must hold the k nearest
     todo: Tensor | None = None  # None: every query (first round, views instead of gathers)
     while True:
         n_todo = m if todo is None else todo.numel()
@@ -196,11 +210,11 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         if last:
             break
         todo = torch.cat(failed)
-        # widen; straight to whole RoIs when that fits in two blocks (each round costs launches)
-        w = max_len if todo.numel() * (2 * max_len + 2) <= 2 * budget else w * WINDOW_GROWTH
+        # widen; straight to whole RoIs once that is cheap (WHOLE_ROI_PAIRS; each round costs launches and a sync)
+        w = max_len if todo.numel() * (2 * max_len + 2) <= whole else w * WINDOW_GROWTH
     # back from sorted positions to input rows
     idx = torch.empty_like(idx_s)
     dist = torch.empty_like(dist_s)
-    idx[order] = torch.where(dist_s < float("inf"), order[idx_s], -1)
+    idx[order] = torch.where(dist_s < float("inf"), order[idx_s.long()], -1)
     dist[order] = dist_s.sqrt_()
     return idx, dist

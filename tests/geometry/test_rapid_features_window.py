@@ -141,6 +141,27 @@ def test_window_knn_small_blocks_and_many_rounds(monkeypatch):
     assert len(rounds) >= 4, rounds
 
 
+@pytest.mark.parametrize("whole_roi_pairs", [0, 1 << 30])
+def test_window_knn_whole_roi_jump_threshold(whole_roi_pairs):
+    """Exact whether the retries widen step by step to the largest RoI (0: never jump early, the CUDA
+    default's path for large failed sets) or jump to whole-RoI windows at once (a huge threshold)."""
+    coord, roi = awkward_cloud(5)
+    k_pt = np.random.default_rng(6).choice([10, 7, 5], len(coord)).astype(np.int64)
+    rounds = check_knn(coord, roi, k_pt, window=1, whole_roi_pairs=whole_roi_pairs)
+    widths = [w for w, _ in rounds]
+    if whole_roi_pairs == 0:  # 5 → 20 → 80 → ... → the largest RoI, each a WINDOW_GROWTH step
+        assert len(rounds) >= 3 and all(b == min(4 * a, widths[-1]) for a, b in zip(widths, widths[1:])), rounds
+    else:
+        assert len(rounds) == 2 and widths[1] == max(np.bincount(roi)), rounds
+
+
+def test_window_knn_default_backend_is_torch_rounds():
+    """backend='auto' picks the torch rounds on CUDA unless USE_TRITON is set (they measured faster)."""
+    from threefold.geometry.rapid import window_knn
+
+    assert window_knn.USE_TRITON is False
+
+
 def _triton_device(kind: str) -> str:
     pytest.importorskip("triton")
     if kind == "cuda":

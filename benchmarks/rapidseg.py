@@ -213,13 +213,31 @@ def profile_inference(net: RAPiDSeg, coord: torch.Tensor, rem: torch.Tensor, bat
             net.predict(coord, rem, batch, rapid, precision=precision)
         if coord.is_cuda:
             torch.cuda.synchronize()
-    # the device-time key is spelt differently across torch versions; the footer gives CPU vs device totals
-    for key in (["self_device_time_total", "self_cuda_time_total"] if coord.is_cuda else []) + ["self_cpu_time_total"]:
-        try:
-            return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
-        except (AttributeError, KeyError, ValueError):
-            continue
-    return "(no profiler table)"
+    return compact_profile(prof.key_averages(), coord.is_cuda, calls=3)
+
+
+def compact_profile(averages, on_device: bool, calls: int, rows: int = 12) -> str:
+    """At most ``rows + 2`` lines: the total self time per call, then the top ops/kernels by self
+    device time (CPU time off CUDA), each as ms per call, share of the total and launches per call."""
+    def self_time(e) -> float:  # µs; the attribute is spelt differently across torch versions
+        names = ("self_device_time_total", "self_cuda_time_total") if on_device else ("self_cpu_time_total",)
+        for name in names:
+            v = getattr(e, name, None)
+            if v is not None:
+                return float(v)
+        return 0.0
+
+    events = [(self_time(e), e.count, e.key) for e in averages]
+    events = [ev for ev in events if ev[0] > 0]
+    total = sum(t for t, _, _ in events) or 1.0
+    events.sort(key=lambda ev: -ev[0])
+    where = "device" if on_device else "CPU"
+    lines = [f"  total self {where} time {total / 1e3 / calls:.2f} ms per call; top {min(rows, len(events))} of {len(events)}:",
+             f"  {'ms/call':>8} {'share':>6} {'n/call':>7}  name"]
+    for t, n, key in events[:rows]:
+        name = key if len(key) <= 90 else key[:87] + "..."
+        lines.append(f"  {t / 1e3 / calls:8.3f} {t / total:6.1%} {n / calls:7.1f}  {name}")
+    return "\n".join(lines)
 
 
 def load_weights(net: RAPiDSeg, path: str) -> None:

@@ -9,6 +9,11 @@ torch-scatter is installed).
 
 Shapes: ``src (N, *F)``, ``index (N,)`` int64 with values in ``[0, dim_size)``; results ``(dim_size, *F)``.
 Empty segments give 0 (sum, mean, max) — never ``-inf`` — so downstream code needs no special case.
+
+Half-precision inputs (float16 / bfloat16, e.g. linear-layer outputs under ``torch.autocast``) are
+reduced in float32 and the result cast back to the input's dtype: CUDA's 16-bit atomics
+(``index_add_`` / ``scatter_reduce`` on 2-byte elements) are compare-and-swap loops on 32-bit words,
+far slower than float32 atomics, and a float16 running sum over a segment loses precision.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ def _backend():
         return None
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _expand(index: Tensor, src: Tensor) -> Tensor:
     if index.ndim != 1 or index.shape[0] != src.shape[0]:
         raise ValueError(f"index must be (N,) with N = src.shape[0] = {src.shape[0]}, got {tuple(index.shape)}")
@@ -47,6 +55,8 @@ def _expand(index: Tensor, src: Tensor) -> Tensor:
 
 
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+    if src.dtype in _LOW:
+        return scatter_sum(src.float(), index, dim_size).to(src.dtype)
     ts = _backend()
     if ts is not None:
         return ts.scatter_sum(src, index, dim=0, dim_size=dim_size)
@@ -61,6 +71,8 @@ def scatter_count(index: Tensor, dim_size: int, dtype: torch.dtype = torch.float
 
 
 def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+    if src.dtype in _LOW:
+        return scatter_mean(src.float(), index, dim_size).to(src.dtype)
     ts = _backend()
     if ts is not None:
         return ts.scatter_mean(src, index, dim=0, dim_size=dim_size)
@@ -70,6 +82,8 @@ def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
 
 def scatter_max(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     """Segment maxima (values only); empty segments are 0."""
+    if src.dtype in _LOW:  # exact: the maximum of 16-bit values is one of them
+        return scatter_max(src.float(), index, dim_size).to(src.dtype)
     ts = _backend()
     if ts is not None:
         return ts.scatter_max(src, index, dim=0, dim_size=dim_size)[0]
@@ -80,6 +94,8 @@ def scatter_max(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
 def scatter_softmax(src: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
     """Softmax of ``src`` within each segment (numerically stable: the segment max is subtracted)."""
     dim_size = int(index.max()) + 1 if dim_size is None else dim_size
+    if src.dtype in _LOW:
+        return scatter_softmax(src.float(), index, dim_size).to(src.dtype)
     ts = _backend()
     if ts is not None:
         from torch_scatter.composite import scatter_softmax as ts_softmax

@@ -51,10 +51,15 @@ class VoxelSetAttention(nn.Module):
     def forward(self, x: Tensor, inverse: Tensor, num_voxels: int) -> Tensor:
         """x ``(N, C_in)`` float32, inverse ``(N,)`` int64 voxel of each point → ``(M, l, d)``."""
         f = self.embed(x)
-        a = scatter_softmax(self.score(f), inverse, num_voxels)  # (N, l), sums to 1 over each voxel
-        v = self.value(f)
-        # Σ_i a_{i,j} v_i per voxel: an (l·d)-wide segment sum of the per-point outer products
-        h = scatter_sum((a[:, :, None] * v[:, None, :]).flatten(1), inverse, num_voxels)
+        s, v = self.score(f), self.value(f)
+        # Under a float16 autocast the linear layers run in float16; the softmax and the segment sums
+        # stay float32 (CUDA's 16-bit atomics are slow, see geometry/scatter.py), so cast once here
+        # rather than at every scatter op: the (N, l·d) outer products are the largest tensor here.
+        wide = torch.promote_types(s.dtype, torch.float32)  # float16 → float32; float64 stays
+        with torch.autocast(x.device.type, enabled=False):
+            a = scatter_softmax(s.to(wide), inverse, num_voxels)  # (N, l), sums to 1 over each voxel
+            # Σ_i a_{i,j} v_i per voxel: an (l·d)-wide segment sum of the per-point outer products
+            h = scatter_sum((a[:, :, None] * v.to(wide)[:, None, :]).flatten(1), inverse, num_voxels)
         return h.view(num_voxels, self.latents, self.dim)
 
 

@@ -42,6 +42,52 @@ def test_vsa_matches_per_voxel_loop_and_is_permutation_invariant():
     torch.testing.assert_close(vsa(x[perm], inv[perm], 9), h)
 
 
+@pytest.mark.parametrize("dtype, n", [(torch.float16, 3000), (torch.bfloat16, 384)])
+def test_scatter_ops_reduce_16bit_inputs_in_float32(dtype, n):
+    """geometry/scatter.py on float16 / bfloat16 (linear outputs under autocast): the result keeps the
+    input's dtype but the reduction runs in float32. A 16-bit running sum of n ones sticks at 2048
+    (float16) or 256 (bfloat16); float32 accumulation gives n, representable in the 16-bit type."""
+    from threefold.geometry.scatter import scatter_max, scatter_mean, scatter_softmax, scatter_sum
+
+    index = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    ones = torch.ones(n + 5, dtype=dtype)
+    total = scatter_sum(ones, index, 3)
+    assert total.dtype == dtype and total.tolist() == [float(n), 5.0, 0.0]
+    mean = scatter_mean(ones * 3, index, 3)
+    assert mean.dtype == dtype and mean.tolist() == [3.0, 3.0, 0.0]
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(n + 5, 2))).to(dtype)
+    x64 = x.double().numpy()
+    want_max = np.stack([x64[:n].max(0), x64[n:].max(0), [0.0, 0.0]])
+    got_max = scatter_max(x, index, 3)
+    assert got_max.dtype == dtype and np.array_equal(got_max.double().numpy(), want_max)  # exact
+    soft = scatter_softmax(x, index, 3)
+    first = np.arange(n + 5)[:, None] < n
+    e = np.exp(x64 - np.where(first, want_max[0], want_max[1]))
+    want = e / np.where(first, e[:n].sum(0), e[n:].sum(0))
+    assert soft.dtype == dtype
+    np.testing.assert_allclose(soft.double().numpy(), want, rtol=1e-2, atol=1e-6)  # one 16-bit rounding
+    # the softmax sums to 1 per segment to float32 accuracy before the final rounding
+    sums = scatter_sum(soft.float(), index, 3)[:2]
+    np.testing.assert_allclose(sums.numpy(), 1.0, rtol=1e-2)
+
+
+def test_vsa_under_autocast_keeps_attention_in_float32():
+    """Under a 16-bit autocast (bfloat16 on CPU, float16 on CUDA) the VSA softmax and segment sums run
+    in float32: the codes stay within the linear layers' 16-bit rounding of the float64 reference."""
+    torch.manual_seed(0)
+    vsa = VoxelSetAttention(5, latents=3, dim=8)
+    x = torch.randn(4000, 5)
+    inv = torch.randint(0, 4, (4000,))  # ~1000 points per voxel: a 16-bit running sum would drift
+    ref = vsa.double()(x.double(), inv, 4)
+    vsa = vsa.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vsa(x, inv, 4)
+    assert got.dtype == torch.float32
+    err = (got.double() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item(), err
+
+
 def test_squeeze_excitation_per_sample():
     se = SqueezeExcitation(16, 8)
     x = torch.randn(30, 16)

@@ -15,8 +15,10 @@ end-to-end time), peak device memory, and the ratio to MinkUNet34. Medians of ``
 3 warm-up runs. Target (issue #3): inference < 35 ms per scan for R-RAPiD-Seg on an H100 at 0.05 m
 (the paper reports about 105 ms per frame).
 
-Inference runs through ``RAPiDSeg.predict`` once per ``--precision`` (default ``fp32,fp16`` on CUDA,
-``fp32`` on CPU), one table row each, with the split of the R-RAPiD-Seg time into voxelisation +
+Inference runs through ``RAPiDSeg.predict`` once per ``--precision`` (default
+``fp32,fp16,fp16+stem32,fp16+stemacc16`` on CUDA, ``fp32`` on CPU; ``fp16+stem32`` is fp16 with the
+backbone's stem conv in float32, ``fp16+stemacc16`` with float16 accumulation forced in the stem:
+``minkunet.STEM_UNDER_FP16``), one table row each, with the split of the R-RAPiD-Seg time into voxelisation +
 stream embedding and backbone + head, and the agreement of each precision's labels with fp32's
 (fraction of identical point labels on the first scan). The networks are untrained unless
 ``--checkpoint`` gives R-RAPiD-Seg weights (a Lightning checkpoint of ``semantickitti-rapidseg`` or a
@@ -70,8 +72,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--points", type=int, default=0, help="subsample each scan to this many points (0: all)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--precision", default="", help="comma-separated inference precisions (default fp32,fp16 on "
-                    "CUDA, fp32 on CPU)")
+    ap.add_argument("--precision", default="", help="comma-separated inference precisions (default "
+                    "fp32,fp16,fp16+stem32,fp16+stemacc16 on CUDA, fp32 on CPU)")
     ap.add_argument("--checkpoint", default="", help="R-RAPiD-Seg weights for the agreement figure")
     ap.add_argument("--profile", action="store_true", help="after the table, the top GPU kernels of three "
                     "R-RAPiD-Seg inferences per precision (torch.profiler)")
@@ -81,7 +83,8 @@ def main() -> None:
     if args.fp32_accum:
         sparse.FP16_FP32_ACCUM = True
     device = torch.device(args.device)
-    precisions = [p for p in (args.precision or ("fp32,fp16" if device.type == "cuda" else "fp32")).split(",") if p]
+    default = "fp32,fp16,fp16+stem32,fp16+stemacc16" if device.type == "cuda" else "fp32"
+    precisions = [p for p in (args.precision or default).split(",") if p]
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")  # the reference of the agreement column
     if device.type == "cuda":
@@ -141,11 +144,13 @@ def main() -> None:
         zero = torch.zeros(len(coords[0]), dtype=torch.long, device=device)
         ref_labels = None
         for precision in precisions:
+            real = precision_setting(precision)
+
             def infer() -> torch.Tensor:
-                return net.predict(coords[0], rems[0], zero, rapid[0], precision=precision).argmax(1)
+                return net.predict(coords[0], rems[0], zero, rapid[0], precision=real).argmax(1)
 
             def streams() -> None:  # the part before the backbone, in the same precision
-                with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=precision == "fp16"):
+                with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=real == "fp16"):
                     net.embed(net.voxelize(coords[0], zero), coords[0], rems[0], rapid[0])
 
             if device.type == "cuda":
@@ -157,6 +162,8 @@ def main() -> None:
             except Exception as err:  # e.g. no spconv kernel for this precision: report, go on
                 print(f"| {name} | | | | {precision} | failed: {str(err).splitlines()[0][:120]} | | | | |")
                 continue
+            if variant == "r":  # the one backbone layer whose shape differs from MinkUNet34's
+                notes.append(f"R-RAPiD-Seg {precision}: {stem_time(net, coords[0], rems[0], zero, rapid[0], real, args.steps)}")
             if precision == "fp32":
                 ref_labels = labels_p
             agree = (labels_p == ref_labels).float().mean().item()
@@ -180,9 +187,10 @@ def main() -> None:
         if args.profile and variant == "r":
             for p in precisions:
                 try:
-                    profiles[p] = profile_inference(net, coords[0], rems[0], zero, rapid[0], p)
+                    profiles[p] = profile_inference(net, coords[0], rems[0], zero, rapid[0], precision_setting(p))
                 except Exception as err:  # noqa: BLE001  (a failed precision was reported in the table)
                     profiles[p] = f"failed: {err}"
+        precision_setting("fp32")
         del net, opt
     print()
     for precision in precisions:
@@ -195,11 +203,37 @@ def main() -> None:
     triton_dw = device.type == "cuda" and sparse.USE_TRITON and sparse._depthwise_triton() is not None
     print(f"depth-wise convs of the autoencoder (inference): {'Triton kernel' if triton_dw else 'torch loop'}")
     print(f"BatchNorm folded into the sparse convs at inference: {device.type == 'cuda' and minkunet.FUSE_BN_INFERENCE}")
+    print("fp16 inference: VSA softmax and segment sums in float32 (geometry/scatter.py, geometry/rapid/vsa.py)")
     for note in notes:
         print(note)
     if args.profile:
         for precision, table in profiles.items():
             print(f"\nR-RAPiD-Seg inference, {precision}, 3 calls (torch.profiler, by device time):\n{table}")
+
+
+def stem_time(net: RAPiDSeg, coord: torch.Tensor, rem: torch.Tensor, batch: torch.Tensor, rapid: torch.Tensor,
+              precision: str, steps: int) -> str:
+    """Time of the backbone's stem conv alone (its index pairs cached on the input tensor)."""
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=precision == "fp16"):
+            grid = net.voxelize(coord, batch)
+            st = sparse.sparse_tensor(net.embed(grid, coord, rem, rapid), grid.indices, grid.batch_size)
+            t = timed(lambda: net.backbone.run_stem(st), steps, coord.device)  # warm-up builds the pairs
+    except Exception as err:  # noqa: BLE001  (a diagnostic line only)
+        return f"stem conv failed: {str(err).splitlines()[0][:120]}"
+    return (f"stem conv ({net.in_channels} → {net.backbone.stem.conv.conv.out_channels} channels, kernel "
+            f"{net.backbone.stem.conv.conv.kernel_size[0]}, index pairs cached) {t * 1e3:.2f} ms")
+
+
+def precision_setting(label: str) -> str:
+    """Apply a row's settings (``+stem32``: the stem conv in float32, ``+stemacc16``: float16
+    accumulation in the stem) and return the precision to pass to ``RAPiDSeg.predict``."""
+    real, _, extra = label.partition("+")
+    modes = {"": "fp16", "stem32": "fp32", "stemacc16": "fp16acc"}
+    if extra not in modes:
+        raise SystemExit(f"--precision {label}: expected fp32, fp16, fp16+stem32 or fp16+stemacc16")
+    minkunet.STEM_UNDER_FP16 = modes[extra]
+    return real
 
 
 def profile_inference(net: RAPiDSeg, coord: torch.Tensor, rem: torch.Tensor, batch: torch.Tensor, rapid: torch.Tensor,

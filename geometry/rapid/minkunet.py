@@ -37,6 +37,17 @@ MINKUNET34_CHANNELS = (32, 64, 128, 256, 256, 128, 96, 96)
 #: (about 70 layers). Eval mode only, where BN is a fixed affine map; training and the CPU are unchanged.
 FUSE_BN_INFERENCE = True
 
+#: The stem conv under a float16 CUDA autocast: "fp16" (like every other layer; spconv's heuristic picks
+#: the accumulator), "fp16acc" (float16 with float16 accumulation forced) or "fp32" (float32 features
+#: and weights; the rest stays float16). The stem is the one layer whose shape differs between
+#: MinkUNet34 (4 input channels) and R-RAPiD-Seg (192 fused channels, a 5×5×5 kernel: 24,000-term
+#: reductions, for which spconv's heuristic switches to float32 accumulation). On an H100 R-RAPiD-Seg's
+#: backbone took ~28 ms in fp16 against MinkUNet34's ~15 ms (docs/gpu-runs/2026-11-26-h100-rapidseg-fp16.txt);
+#: benchmarks/rapidseg.py times each setting (rows "fp16+stem32", "fp16+stemacc16") and the stem alone,
+#: so that the fastest can become the default.
+STEM_UNDER_FP16 = "fp16"
+STEM_MODES = ("fp16", "fp16acc", "fp32")
+
 
 class _ConvBNReLU(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, kind: str = "subm", key: str | None = None,
@@ -150,8 +161,25 @@ class MinkUNet34(nn.Module):
             cin = ch[4 + j]
         self.out_channels = cin
 
+    def run_stem(self, x: Any) -> Any:
+        """The stem conv; under a float16 autocast in eval mode as :data:`STEM_UNDER_FP16` says."""
+        if STEM_UNDER_FP16 not in STEM_MODES:
+            raise ConfigError(f"minkunet.STEM_UNDER_FP16={STEM_UNDER_FP16!r}: expected one of {STEM_MODES}")
+        if STEM_UNDER_FP16 == "fp16" or self.training or _inference_dtype(x.features) != torch.float16:
+            return self.stem(x)
+        if STEM_UNDER_FP16 == "fp32":
+            with torch.autocast("cuda", enabled=False):  # float32 features and folded weights
+                return self.stem(x.replace_feature(x.features.float()))
+        conv = self.stem.conv.conv  # spconv reads fp32_accum at each call; the layer's own setting after
+        saved, conv.fp32_accum = conv.fp32_accum, False
+        try:
+            out = self.stem(x)
+        finally:
+            conv.fp32_accum = saved
+        return out
+
     def forward(self, x: Any) -> Any:
-        x = self.stem(x)
+        x = self.run_stem(x)
         skips = [x]
         for down, enc in zip(self.down, self.enc):
             x = enc(down(x))

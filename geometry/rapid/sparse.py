@@ -128,6 +128,8 @@ class SparseConv3d(nn.Module):
 
         c = self.conv
         c.algo = self._cuda_algo
+        if weight.dtype == torch.float16 and FP16_FP32_ACCUM is not None:  # else the caller's / spconv's choice
+            c.fp32_accum = FP16_FP32_ACCUM
         if c.conv1x1:  # spconv runs 1×1 convs as a plain matmul, without fused activation
             act, relu_after = tv.gemm.Activation.None_, relu
         else:

@@ -232,16 +232,21 @@ def _calibrated_full_width(n: int, seed: int, device: str):
 
 
 @pytest.mark.gpu
-def test_fp16_inference_agrees_with_fp32():
+@pytest.mark.parametrize("stem", ["fp16", "fp16acc", "fp32"])
+def test_fp16_inference_agrees_with_fp32(stem):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from threefold.geometry.rapid import minkunet
+
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         net, args = _calibrated_full_width(30000, 7, "cuda")
         ref = net.predict(*args)
+        minkunet.STEM_UNDER_FP16 = stem
         half = net.predict(*args, precision="fp16")
     finally:
+        minkunet.STEM_UNDER_FP16 = "fp16"
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     # float16 carries ~3 significant digits through ~70 layers: logits within a few percent of their

@@ -248,3 +248,37 @@ def test_pipeline_trains_on_cuda(tmp_path):
     (run,) = (tmp_path / "runs" / "semantickitti-rapidseg").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["IoU/road"] > 0 and metrics["eval_scans"] == 1
+
+
+def test_eval_precision_key_fp32_default_and_fp16_needs_cuda():
+    """``eval.precision``: fp32 (the shipped default) labels exactly as the network's own forward and
+    as ``RAPiDSeg.predict(precision="fp32")``; fp16 on a CPU batch and unknown values are clear errors."""
+    from threefold.datasets.errors import ConfigError
+    from threefold.pipelines.config import config_to_dict
+    from threefold.pipelines.rapidseg import RapidSegConfig, RapidSegModule
+
+    cfg = RapidSegConfig()
+    assert cfg.eval.precision == "fp32"
+    for name in ("semantickitti-rapidseg", "semantickitti-minkunet"):  # the YAMLs carry the key, as fp32
+        text = (Path(__file__).resolve().parents[2] / "pipelines" / "configs" / f"{name}.yaml").read_text()
+        assert re.search(r"^  precision: fp32\b", text, re.M), name
+    cfg.model.voxel_size, cfg.model.width, cfg.model.latents, cfg.model.dim = 0.5, 0.125, 4, 16
+    cfg.model.inner_dim, cfg.model.stream_channels = 4, 8
+    module = RapidSegModule({"config": config_to_dict(cfg), "stage": "seg"}).eval()
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    batch = {"coord": torch.rand(n, 3, generator=g) * 10 - 5, "remission": torch.rand(n, generator=g),
+             "batch": torch.cat([torch.zeros(n // 2), torch.ones(n - n // 2)]).long(),
+             "rapid": torch.rand(n, cfg.features.k_max, generator=g)}
+    got = module.predict_batch(batch)
+    with torch.no_grad():
+        direct = module.net(batch["coord"], batch["remission"], batch["batch"], batch["rapid"]).argmax(1)
+    assert got.dtype == torch.long and torch.equal(got, direct)
+    via_predict = module.net.predict(batch["coord"], batch["remission"], batch["batch"], batch["rapid"], precision="fp32")
+    assert torch.equal(got, via_predict.argmax(1))
+    module.cfg.eval.precision = "fp16"
+    with pytest.raises(ConfigError, match=r"eval.precision='fp16' needs CUDA"):
+        module.predict_batch(batch)
+    module.cfg.eval.precision = "bf16"
+    with pytest.raises(ConfigError, match=r"eval.precision='bf16': expected one of"):
+        module.predict_batch(batch)

@@ -145,6 +145,7 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
     positions = torch.arange(m, device=dev)
     if kernel is None and m < 2**31 - 1:  # int32 candidate positions: half the bytes of the largest index tensors
         meta = meta.int()
+        idx_s = idx_s.int()
 
     def round_torch(q: slice | Tensor, w: int, check: bool) -> Tensor | None:
         """Rows ``q`` with windows of ``w`` per side (one block); the failed rows' offsets in ``q``."""
@@ -160,14 +161,15 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
         d2.masked_fill_(outside, float("inf"))
         best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
-        idx_s[q] = cand.gather(1, at).long()  # -1 where the distance is inf: set once at the end
+        idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
         dist_s[q] = best
         if not check:
             return None
         # exactness check (module docstring), for windows that do not cover their RoI (r > w)
-        ends = torch.stack([cand[:, 0], cand[:, -1]], 1).long()
-        gap = torch.remainder((polar[0, q, None] - polar[0, ends]) * sign, _TWO_PI).amin(1)
-        bound = polar[1, q] * torch.sin(gap.clamp_(max=math.pi / 2))
+        ends = cand[:, :: cand.shape[1] - 1]  # columns 0 and -1 as a view (C = 2w + 2 >= 4)
+        pq = polar[:, q]  # one gather of the queries' (φ, ρ)
+        gap = torch.remainder((pq[0, :, None] - polar[0, ends]) * sign, _TWO_PI).amin(1)
+        bound = pq[1] * torch.sin(gap.clamp_(max=math.pi / 2))
         # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
         kth2 = best.gather(1, kcol[:, None].long()).squeeze(1)
         return torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
@@ -213,8 +215,8 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         # widen; straight to whole RoIs once that is cheap (WHOLE_ROI_PAIRS; each round costs launches and a sync)
         w = max_len if todo.numel() * (2 * max_len + 2) <= whole else w * WINDOW_GROWTH
     # back from sorted positions to input rows
-    idx = torch.empty_like(idx_s)
+    idx = torch.empty((m, kq), dtype=torch.long, device=dev)  # int64 whatever the rounds used
     dist = torch.empty_like(dist_s)
-    idx[order] = torch.where(dist_s < float("inf"), order[idx_s.long()], -1)
+    idx[order] = torch.where(dist_s < float("inf"), order[idx_s], -1)
     dist[order] = dist_s.sqrt_()
     return idx, dist

@@ -215,6 +215,17 @@ def test_predict_is_forward_in_inference_mode_and_checks_precision():
         net.predict(coord, rem, batch, rapid, rapid.flip(1), precision="fp16")  # spconv's CPU kernels are fp32
     with pytest.raises(ConfigError, match="precision"):
         net.predict(coord, rem, batch, rapid, rapid.flip(1), precision="bf16")
+    # the stem switch acts under a float16 autocast only: fp32 inference is unchanged, a bad value is named
+    from threefold.geometry.rapid import minkunet
+
+    try:
+        minkunet.STEM_UNDER_FP16 = "fp32"
+        assert torch.equal(net.predict(coord, rem, batch, rapid, rapid.flip(1)), want)
+        minkunet.STEM_UNDER_FP16 = "fp8"
+        with pytest.raises(ConfigError, match="STEM_UNDER_FP16='fp8'"):
+            net.predict(coord, rem, batch, rapid, rapid.flip(1))
+    finally:
+        minkunet.STEM_UNDER_FP16 = "fp16"
 
 
 def _calibrated_full_width(n: int, seed: int, device: str):

@@ -591,8 +591,15 @@ class _RapidSegPipeline(Pipeline):
                                         c["learning_map_inv"], name=f"seq{seq}_{frame}", labels=c["labels"],
                                         learning_ignore=c["learning_ignore"])
 
+    def _inference_precision(self, module: RapidSegModule, cfg: RapidSegConfig) -> RapidSegModule:
+        """The invoking config's ``eval.precision`` (not the one stored with the checkpoint's training run)."""
+        if cfg.eval.precision not in PRECISIONS:
+            raise ConfigError(f"eval.precision={cfg.eval.precision!r}: expected one of {PRECISIONS}")
+        module.cfg.eval.precision = cfg.eval.precision
+        return module
+
     def evaluate(self, cfg: RapidSegConfig, ctx: RunContext, checkpoint: Path) -> dict[str, Any]:
-        module = _module_from_checkpoint(checkpoint)
+        module = self._inference_precision(_module_from_checkpoint(checkpoint), cfg)
         stored = module.cfg
         root = self._data_root(stored, ctx)
         metrics = {"pipeline": self.name, "checkpoint": str(checkpoint)}
@@ -600,7 +607,7 @@ class _RapidSegPipeline(Pipeline):
         return metrics
 
     def load(self, cfg: RapidSegConfig, checkpoint: Path) -> "RapidSegPredictor":
-        return RapidSegPredictor(_module_from_checkpoint(checkpoint))
+        return RapidSegPredictor(self._inference_precision(_module_from_checkpoint(checkpoint), cfg))
 
     def predict(self, cfg: RapidSegConfig, checkpoint: Path, input: Path, out: Path) -> None:
         """Write ``out/sequences/XX/predictions/NNNNNN.label`` for one ``.bin`` or, given a

@@ -282,3 +282,12 @@ def test_eval_precision_key_fp32_default_and_fp16_needs_cuda():
     module.cfg.eval.precision = "bf16"
     with pytest.raises(ConfigError, match=r"eval.precision='bf16': expected one of"):
         module.predict_batch(batch)
+    # evaluate / predict from a checkpoint take the invoking config's precision, not the stored one
+    from threefold.pipelines.rapidseg import SemanticKittiRapidSeg
+
+    invoking = RapidSegConfig()
+    invoking.eval.precision = "fp16"
+    assert SemanticKittiRapidSeg()._inference_precision(module, invoking).cfg.eval.precision == "fp16"
+    invoking.eval.precision = "half"
+    with pytest.raises(ConfigError, match=r"eval.precision='half'"):
+        SemanticKittiRapidSeg()._inference_precision(module, invoking)

@@ -11,9 +11,8 @@ the check: the k-th nearest is below the bound iff at least k kept distances are
 
 Imported only when Triton is present; used for CUDA tensors with ``backend="triton"`` (and, under
 ``TRITON_INTERPRET=1``, for CPU tensors in tests). Not the default: on an H100 a scan took 9.5 ms with
-these kernels against 5.2 ms with the torch rounds (docs/gpu-runs/2026-11-26-h100-rapid-features-window.txt)
-— one lane per query walking up to 2w float64 candidates serially (and the whole RoI in the last round)
-loses to the torch rounds' wide, coalesced passes.
+these kernels against 5.2 ms with the torch rounds (docs/gpu-runs/2026-11-26-h100-rapid-features-window.txt;
+not profiled per kernel, so the cause is not established).
 """
 
 from __future__ import annotations

@@ -4,9 +4,13 @@ Lu et al., "Uni-3DAR" (2025), Sec. 3.2: a decoder-only transformer reads the seq
 :mod:`~threefold.science.uni3dar.sequence` under causal attention; the output at each ``[MASK]``
 predicts the item at that position: a tree token (255 classes) for a node, or for an atom its type
 then the x, y, z in-cell bins, each conditioned on the previous ones by adding the embedding of the
-earlier choice (the reference's autoregressive prediction head). Positions enter through a 3D
-rotary embedding on the physical position in 0.01 Å units (the head dimension split over x, y, z),
-plus learned level and in-cell-offset embeddings. Pre-norm blocks with RMSNorm and SwiGLU;
+earlier choice (the reference's autoregressive prediction head, ``AutoRegressivePredictionHead``).
+Every head is, as in the reference's ``TaskHead``, a two-layer MLP (Linear D->D, GELU, Linear); the
+non-linearity is what lets the y head use the x just chosen (and z use x, y) *together with* the
+context: with a single linear layer the logits of y would be ``W h + W e(x)``, the effect of x the
+same in every molecule, so y could not follow the bond geometry given x (see ``mlp_heads``).
+Positions enter through a 3D rotary embedding on the physical position in 0.01 Å units (the head
+dimension split over x, y, z), plus learned level and in-cell-offset embeddings. Pre-norm blocks with RMSNorm and SwiGLU;
 attention is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
 on GPU when the inputs allow), so the flash-attn package is not needed. Loss weights as in the
 reference: tree 1, atom type 1, each coordinate 0.1.
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from threefold.datasets.errors import ConfigError
 from threefold.science.uni3dar.sequence import KIND_ATOM, KIND_TREE, SequenceBatch
 
 
@@ -37,11 +42,17 @@ class Uni3DARConfig:
     layers: int = 4
     heads: int = 4
     ffn_mult: float = 8 / 3
-    dropout: float = 0.0
+    dropout: float = 0.0  # residual, attention, embedding and head dropout (all 0.1 in the reference)
     rope_theta: float = 10000.0
     tree_weight: float = 1.0
     type_weight: float = 1.0
     xyz_weight: float = 0.1
+    # two-layer MLP heads as the reference's TaskHead; False: single linear heads (the layout before
+    # this fix; checkpoints without the key load with False)
+    mlp_heads: bool = True
+    # "type": each token type's mean CE, weighted; "token": the reference's normalisation, the weighted
+    # sum of every predicted token's CE divided by the number of predicted items (tree nodes + atoms)
+    loss_norm: str = "type"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +96,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
     return out.type_as(x)
+
+
+class TaskHead(nn.Module):
+    """Prediction head of the reference (``uni3dar/models/layers.py`` ``TaskHead``): dropout, Linear
+    D->D without bias, GELU, Linear D->``out`` without bias. x (N, D) -> logits (N, out). The hidden
+    layer starts at fan-in scale (std D^-1/2, the reference's default ``Linear`` init), the output
+    layer at N(0, 0.02) like the rest of the model instead of the reference's zeros (ties in
+    untrained greedy sampling otherwise)."""
+
+    def __init__(self, dim: int, out: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, out, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        return self.out(F.gelu(self.dense(x)))
 
 
 class Block(nn.Module):
@@ -137,12 +166,20 @@ class Uni3DAR(nn.Module):
         self.xyz_emb = nn.ModuleList(nn.Embedding(cfg.bins + 1, D) for _ in range(3))  # index bins = none
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(D)
-        self.tree_head = nn.Linear(D, 255)
-        self.type_head = nn.Linear(D, cfg.vocab_size)
-        self.coord_heads = nn.ModuleList(nn.Linear(D, cfg.bins) for _ in range(3))
+        if cfg.mlp_heads:
+            self.tree_head = TaskHead(D, 255, cfg.dropout)
+            self.type_head = TaskHead(D, cfg.vocab_size, cfg.dropout)
+            self.coord_heads = nn.ModuleList(TaskHead(D, cfg.bins, cfg.dropout) for _ in range(3))
+        else:
+            self.tree_head = nn.Linear(D, 255)
+            self.type_head = nn.Linear(D, cfg.vocab_size)
+            self.coord_heads = nn.ModuleList(nn.Linear(D, cfg.bins) for _ in range(3))
         self.type_cond = nn.Embedding(cfg.vocab_size, D)
         self.coord_cond = nn.ModuleList(nn.Embedding(cfg.bins, D) for _ in range(2))
         self.apply(self._init)
+        for m in self.modules():  # hidden layer of the MLP heads at fan-in scale (pre-activations ~ N(0, 1)):
+            if isinstance(m, TaskHead):  # at N(0, 0.02) a small model's head starts as a near-linear product of
+                nn.init.normal_(m.dense.weight, std=D**-0.5)  # two tiny matrices and learns slowly
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -168,6 +205,7 @@ class Uni3DAR(nn.Module):
             x = x + self.tree_emb(tree_index)
         for axis in range(3):
             x = x + self.xyz_emb[axis](xyz_in[..., axis])
+        x = F.dropout(x, self.cfg.dropout, self.training)  # the reference's embedding dropout
         rope = rope_3d(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_theta)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if cache is None else cache[i])
@@ -177,16 +215,21 @@ class Uni3DAR(nn.Module):
         self, h: torch.Tensor, type_id: torch.Tensor | None = None, xyz: torch.Tensor | None = None, step: int = 0
     ) -> torch.Tensor:
         """Logits of atom field ``step`` (0 type, 1 x, 2 y, 3 z) at mask states h (N, D), conditioned
-        on the earlier fields (type_id (N,), xyz (N, 3)) by adding their embeddings."""
+        on the earlier fields (type_id (N,), xyz (N, 3)) by adding their embeddings (dropped out with
+        ``dropout`` in training, as the reference's ``emb_dropout``)."""
         if step == 0:
             return self.type_head(h)
-        h = h + self.type_cond(type_id)
+        drop = self.cfg.dropout if self.training else 0.0
+        h = h + F.dropout(self.type_cond(type_id), drop, self.training)
         for axis in range(step - 1):
-            h = h + self.coord_cond[axis](xyz[:, axis])
+            h = h + F.dropout(self.coord_cond[axis](xyz[:, axis]), drop, self.training)
         return self.coord_heads[step - 1](h)
 
     def loss(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
-        """Weighted cross-entropy (nats per predicted token) and its parts: tree, type, x, y, z."""
+        """Weighted cross-entropy and its parts (nats per predicted token of each type: tree, type,
+        x, y, z). ``loss_norm="type"``: ``w_tree·CE_tree + w_type·CE_type + w_xyz·(CE_x + CE_y + CE_z)``
+        of the per-type means; ``"token"`` (reference ``ARLoss``): the same weights on the per-token
+        sums, divided by the number of predicted items (tree nodes + atoms)."""
         h = self.hidden(batch.tokens, batch.level, batch.pos, batch.xyz_in, tree_index=batch.tree_index)
         tree_m, atom_m = batch.kind == KIND_TREE, batch.kind == KIND_ATOM
         parts = {"tree": F.cross_entropy(self.tree_head(h[tree_m]).float(), batch.tree_target[tree_m])}
@@ -195,6 +238,13 @@ class Uni3DAR(nn.Module):
         for axis, name in enumerate("xyz"):
             parts[name] = F.cross_entropy(self.atom_logits(ha, ty, xyz, step=axis + 1).float(), xyz[:, axis])
         c = self.cfg
-        total = c.tree_weight * parts["tree"] + c.type_weight * parts["type"]
-        total = total + c.xyz_weight * (parts["x"] + parts["y"] + parts["z"])
+        n_tree, n_atom = tree_m.sum(), atom_m.sum()
+        if c.loss_norm == "token":
+            total = (c.tree_weight * parts["tree"] * n_tree + c.type_weight * parts["type"] * n_atom
+                     + c.xyz_weight * (parts["x"] + parts["y"] + parts["z"]) * n_atom) / (n_tree + n_atom)  # fmt: skip
+        elif c.loss_norm == "type":
+            total = c.tree_weight * parts["tree"] + c.type_weight * parts["type"]
+            total = total + c.xyz_weight * (parts["x"] + parts["y"] + parts["z"])
+        else:
+            raise ConfigError(f"Uni3DARConfig.loss_norm={c.loss_norm!r}: expected 'type' or 'token'")
         return {"loss": total, **parts}

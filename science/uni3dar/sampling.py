@@ -74,13 +74,23 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     max_items: int = 512,
+    tree_temperature: float | None = None,
+    atom_temperature: float | None = None,
+    xyz_temperature: float | None = None,
 ) -> Generated:
     """Sample ``num`` structures at once. ``allowed_types`` (K,) vocab ids the atom head may emit
     (elements of the training set), or one such tensor per tree for multi-tree structures (a
     crystal: lattice corners, then elements): when a structure's queue of tree ``k`` empties, the
-    root of tree ``k + 1`` is queued in the same box frame. ``generator`` lives on the model's device."""
+    root of tree ``k + 1`` is queued in the same box frame. ``generator`` lives on the model's device.
+
+    Temperatures per token type as the reference's ``--tree-temperature --atom-temperature
+    --xyz-temperature`` (its QM9 inference script: 0.9, 0.3, 0.3); each one left ``None`` takes
+    ``temperature``. The perplexity used for filtering is, as in the reference, that of the
+    untempered logits."""
     device = next(model.parameters()).device
     model.eval()
+    temp_tree, temp_atom, temp_xyz = (temperature if t is None else t
+                                      for t in (tree_temperature, atom_temperature, xyz_temperature))
     B, Q, bins, depth = num, max_items, spec.bins, spec.depth
     rows = torch.arange(B, device=device)
     child = _CHILD.to(device)
@@ -127,14 +137,14 @@ def generate(
         is_tree = (level > 0) & active
         is_atom = (level == 0) & active
 
-        occ = _sample(model.tree_head(h), temperature, top_k, generator) + 1  # 1..255
+        occ = _sample(model.tree_head(h), temp_tree, top_k, generator) + 1  # 1..255
         t_logits = model.atom_logits(h, step=0) + type_mask[tree_cur]
-        t = _sample(t_logits, temperature, top_k, generator)
+        t = _sample(t_logits, temp_atom, top_k, generator)
         lp = t_logits.float().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
         fine = torch.zeros(B, 3, dtype=torch.long, device=device)
         for axis in range(3):
             c_logits = model.atom_logits(h, t, fine, step=axis + 1)
-            fine[:, axis] = _sample(c_logits, temperature, top_k, generator)
+            fine[:, axis] = _sample(c_logits, temp_xyz, top_k, generator)
             lp = lp + c_logits.float().log_softmax(-1).gather(1, fine[:, axis : axis + 1]).squeeze(1)
 
         # tree nodes: record the token, append occupied children to the queue

@@ -15,27 +15,32 @@ single-device run (``trainer.strategy=auto``). A callback times the training ste
 processes when the window is done (the pipelines' evaluation is not part of a training benchmark).
 
 Data, prepared once. Everything the runs read is built before the first timed configuration by the
-prepare step (``--prepare-only`` runs it alone; a normal run starts with it and skips what is there),
-under ``--data-dir``: the LiDAR sample extracted from ``--lidar-tar`` with its training scans repeated
-by symlinks (``lidar-repeated-40``) and its R-RAPiD rows in ``rapid-cache`` (``threefold prepare
-semantickitti``'s function, the cache the pipeline reads through ``features.cache_dir``); 16 brain
-phantoms of 64³ as BraTS 2018 NIfTI and their crop + z-score cache (``threefold prepare brats``'s
-function, read through ``cache_dir``); the 64 NestedMorph training pairs of the embedded sample as
-``.npz`` files; the 419 QM9-like molecules (``--molecules``) repeated 60 times. Generation runs in a
-process pool over the machine's cores. The workers only read: the RAPiD and BraTS caches are checked
-complete before any run, and the NestedMorph worker loads the prepared pairs into memory and
-replaces ``registration_phantom`` (the generator the pipeline's ``RegistrationPhantoms`` calls) by a
-lookup of the same arrays (a test checks they are equal), so no rank generates anything during its
-warm-up. A missing piece stops the run naming the file and the ``--prepare-only`` command.
+prepare step (``--prepare-only`` runs it alone; a normal run starts with it and skips what is there)
+under ``--data-dir`` (default ``.scratch/scaling-build``, ~500 MB: never carried to a device but built
+there; the only inputs are ``--lidar-tar`` and ``--molecules``): the LiDAR sample extracted from
+``--lidar-tar`` with its training scans repeated by symlinks (``lidar-repeated-40``) and its R-RAPiD
+rows in ``rapid-cache`` (``threefold prepare semantickitti``'s function; the pipeline reads the cache
+through ``features.cache_dir``); 16 brain phantoms of 64³ as BraTS 2018 NIfTI and their crop +
+z-score cache (``threefold prepare brats``'s function, read through ``cache_dir``); the 64 NestedMorph
+training pairs of the embedded sample as ``.npz`` files; the 419 QM9-like molecules (``--molecules``)
+repeated 60 times. Generation runs in a process pool over the machine's cores. The workers only
+read: the RAPiD and BraTS caches are checked complete before any run, and the NestedMorph worker
+loads the prepared pairs into memory and replaces ``registration_phantom`` (the generator the
+pipeline's ``RegistrationPhantoms`` calls) by a lookup of the same arrays (a test checks they are
+equal), so no rank generates anything during its warm-up. A missing piece stops the run naming the
+file and the ``--prepare-only`` command.
 
-Schedule. The 1-GPU configurations run side by side, one per GPU (``CUDA_VISIBLE_DEVICES``), in
-pairs in pipeline order (with one precision per call: rapidseg next to nestedmorph, brats next to
-uni3dar), each pipeline's 2-GPU configurations right after its 1-GPU one. Why this does not distort
-the 1-GPU numbers: each process has a whole GPU of its own (no shared SMs or HBM; clocks and power are
-per GPU), the host has 32 cores for at most ~20 busy threads (main process with ``OMP_NUM_THREADS=4``
-plus 0-6 loader workers each, see ``SIZES``) — the same cores per GPU as the 2-GPU run of the pipeline
-has — and the host traffic per step is small (at most ~70 MB, a BraTS batch of 2 x 4 x 128³ float32,
-against tens of GB/s per PCIe link). ``--sequential`` runs them one at a time for a check.
+Schedule. The 1-GPU configurations run side by side, one per GPU (``CUDA_VISIBLE_DEVICES``), two at
+a time in pipeline order (with one precision per call: rapidseg next to nestedmorph, brats next to
+uni3dar); each pipeline's 2-GPU configurations run alone, right after its 1-GPU ones. Why the
+neighbour does not distort a 1-GPU number: each process has a whole GPU (no shared SMs or HBM; clocks
+and power limits are per GPU); the host's 32 cores are more than the two keep busy (main process with
+``OMP_NUM_THREADS=4`` plus 0-6 loader workers each, ``SIZES``: at most ~20 threads), and no more than
+the 2-GPU run of the busier of the two pipelines keeps busy on its own; host-to-GPU traffic per step
+is small (largest: a BraTS batch, 2 x 4 x 128³ float32 = 67 MB, against tens of GB/s per PCIe link).
+Not controlled: NUMA placement (processes are not pinned, as Lightning does not pin DDP ranks
+either) and the shared page cache (the data are read-only and small). ``--sequential`` runs the 1-GPU
+configurations one at a time, to check the claim on a machine with time to spare.
 
 Timing: after the warm-up steps, CUDA events recorded at the end of each training step on each rank
 (no synchronisation inside the window) give the wall time between consecutive step ends; intervals

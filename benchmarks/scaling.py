@@ -390,8 +390,8 @@ def prepare(name: str, data_dir: Path, lidar_tar: Path, molecules: Path, smoke: 
         if missing and build:
             from threefold.geometry.rapid.prepare import prepare_rapid_features
 
-            counts = prepare_rapid_features(data_dir / "lidar-sample", cache, workers=workers, variants=("r",),
-                                            progress=False, **params)
+            counts = prepare_rapid_features(data_dir / "lidar-sample", cache, workers=min(workers, len(missing)),
+                                            variants=("r",), progress=False, **params)
             out["note"] = f"RAPiD rows: {counts.get('computed', '?')} computed, {counts.get('skipped', '?')} skipped"
             missing = _rapid_missing(root, cache, params)
         if missing:
@@ -418,7 +418,7 @@ def prepare(name: str, data_dir: Path, lidar_tar: Path, molecules: Path, smoke: 
             root, generated = _brats_root(data_dir, cases, shape, workers)
             from threefold.datasets.brats_prepare import prepare_brats_cases
 
-            prepare_brats_cases(root, cache, workers=workers, progress=False)
+            prepare_brats_cases(root, cache, workers=min(workers, cases), progress=False)
         if not (root / ".complete").is_file():
             raise PrepareError(f"{root}/.complete missing: run `python benchmarks/scaling.py --prepare-only` first")
         from threefold.datasets.brats import list_cases
@@ -678,8 +678,11 @@ def _gpu_info() -> tuple[list[str], list[str]]:
                              text=True, timeout=30, check=True).stdout
         names = [line.split(",", 1)[1].strip() for line in out.strip().splitlines() if "," in line]
         ids = [str(i) for i in range(len(names))]
-    except (OSError, subprocess.SubprocessError):
-        ids = []
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi: count through torch (names unknown)
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+        names = ["?"] * len(ids)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [v.strip() for v in visible.split(",") if v.strip()]

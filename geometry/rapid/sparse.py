@@ -18,6 +18,13 @@ build) break in three places, all handled here so that users never patch anythin
    the CPU build only has the native gather-GEMM-scatter. Weights are stored KRSC by both
    (``ALL_WEIGHT_IS_KRSC``), so :class:`SparseConv3d` picks the algorithm from the device of the
    input features at each call: one checkpoint runs on either device with the same math.
+4. **Multi-threaded CPU kernels race.** With more than one torch thread, spconv 2.3.8's CPU ops
+   return different — wrong — features from call to call (a 3³ submanifold conv of 1,500 voxels:
+   up to 0.5 apart between identical calls at 2 threads; the single-threaded result equals a
+   brute-force sum). :func:`require_spconv` wraps every function of ``spconv.pytorch.ops`` (indice
+   generation, gather-GEMM-scatter forward and backward, pooling) so that a call whose tensors are
+   all on the CPU runs with one torch thread, the caller's thread count restored afterwards; CUDA
+   calls are untouched.
 
 And one for half-precision inference on CUDA: spconv's autocast hook (``custom_fwd(cast_inputs=
 float16)``) sits on its training autograd Functions only; in eval mode it calls its kernels directly,
@@ -32,6 +39,9 @@ Voxel helpers (:func:`voxelize`) are torch-native (``torch.unique``) and run on 
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,7 +53,8 @@ _SHIM_FLAG = "_threefold_cpu_stream_shim"
 
 
 def require_spconv() -> Any:
-    """``spconv.pytorch`` with the CPU-backward fix installed (idempotent).
+    """``spconv.pytorch`` with the CPU-backward fix and the single-threaded CPU ops installed (module
+    docstring, items 1 and 4; idempotent).
 
     Raises :class:`~threefold.datasets.errors.MissingExtraError` naming the ``cpu`` extra (``cu126`` etc. for the CUDA builds) when
     spconv is not installed.
@@ -61,7 +72,30 @@ def require_spconv() -> Any:
 
         setattr(get_current_stream, _SHIM_FLAG, True)
         ops.get_current_stream = get_current_stream
+    for name, fn in list(vars(ops).items()):
+        if inspect.isfunction(fn) and fn.__module__ == ops.__name__ and not getattr(fn, _SHIM_FLAG, False):
+            setattr(ops, name, _single_threaded_on_cpu(fn))
     return spconv
+
+
+def _single_threaded_on_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with one torch thread when none of its tensor arguments is on CUDA (item 4)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values())):
+            return fn(*args, **kwargs)
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    setattr(call, _SHIM_FLAG, True)
+    return call
 
 
 def _algo_for(features: Tensor, cuda_algo: Any) -> Any:

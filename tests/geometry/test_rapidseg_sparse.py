@@ -59,6 +59,33 @@ def test_subm_conv_matches_dense_conv_with_bias(training):
     torch.testing.assert_close(x.features.grad, feat_ref.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_convs_are_exact_with_several_threads():
+    """spconv 2.3.8's CPU ops race with more than one torch thread (identical calls up to 0.5 apart on
+    this cloud); threefold runs them single-threaded (sparse.py, item 4). Repeated forward and backward
+    passes with 2 torch threads must all equal the dense conv3d."""
+    idx, g = _cloud(seed=3, n=2500, extent=12)
+    feat = torch.randn(len(idx), 6, generator=g)
+    conv = SparseConv3d(6, 8, 3, kind="subm").eval()
+    dense_in = feat.clone().requires_grad_(True)
+    ref_grid = F.conv3d(_dense(dense_in, idx, [12, 12, 12]), _krsc_to_torch(conv.conv.weight), padding=1)
+    i = idx.long()
+    ref = ref_grid[i[:, 0], :, i[:, 1], i[:, 2], i[:, 3]]
+    upstream = torch.randn(ref.shape, generator=g)
+    (ref * upstream).sum().backward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(8):
+            x = sparse_tensor(feat.clone().requires_grad_(True), idx, 2)
+            out = conv(x)
+            torch.testing.assert_close(out.features, ref, atol=1e-5, rtol=1e-5)
+            (out.features * upstream).sum().backward()
+            torch.testing.assert_close(x.features.grad, dense_in.grad, atol=1e-5, rtol=1e-5)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_strided_and_inverse_conv_match_dense():
     idx, g = _cloud(1, extent=10)
     feat = torch.randn(len(idx), 3, generator=g)

@@ -10,7 +10,8 @@ laid out for masked next-token prediction and fed to :class:`~threefold.science.
 After training the run reports, on the held-out molecules, the per-token cross-entropy of each
 token type (tree, atom type, x, y, z; nats) beside a unigram baseline fitted on the training
 tokens, then samples ``sample.num`` molecules (filtering off unless ``sample.keep_fraction < 1``,
-which is then reported) and scores validity, uniqueness, novelty and EDM stability, plus molecules
+which is then reported; per-type temperatures ``sample.tree_temperature`` / ``atom_temperature`` /
+``xyz_temperature``, the shipped config has the reference's QM9 values 0.9 / 0.3 / 0.3) and scores validity, uniqueness, novelty and EDM stability, plus molecules
 generated per second.
 
 Data: without ``--data`` the embedded sample (419 QM9-like NCI molecules, RDKit ETKDG conformers,
@@ -29,7 +30,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 import numpy as np
@@ -53,14 +54,19 @@ class ModelSection:
     d_model: int = 64
     layers: int = 3
     heads: int = 4
-    dropout: float = 0.0
+    dropout: float = 0.0  # the reference uses 0.1 (residual, attention, embedding, head)
+    mlp_heads: bool = True  # the reference's two-layer TaskHead (False: single linear heads, the old layout)
+    loss_norm: str = "type"  # "type": per-type means; "token": the reference's sum over tokens / items
+    xyz_weight: float = 0.1  # reference --loss-ratio-xyz 0.1
 
 
 @dataclass
 class OptimSection:
     lr: float = 1.0e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # decoupled (AdamW); the reference: 1e-4
     warmup_steps: int = 100
+    beta2: float = 0.999  # the reference: Adam betas (0.9, 0.99), eps 1e-6
+    eps: float = 1.0e-8
 
 
 @dataclass
@@ -76,6 +82,10 @@ class SampleSection:
     num: int = 1000
     batch_size: int = 500
     temperature: float = 1.0
+    # per token type (reference QM9 inference: tree 0.9, atom 0.3, xyz 0.3); None: ``temperature``
+    tree_temperature: Union[float, None] = None
+    atom_temperature: Union[float, None] = None
+    xyz_temperature: Union[float, None] = None
     top_k: int = 0
     max_items: int = 400  # tree nodes + atoms per molecule before a sample counts as incomplete
     keep_fraction: float = 1.0  # best-fraction filtering by atom perplexity: 1.0 = off
@@ -259,7 +269,8 @@ class Uni3DARModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.hparams["optim"]
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"],
+                                betas=(0.9, o.get("beta2", 0.999)), eps=o.get("eps", 1e-8))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = max(1, min(o["warmup_steps"], total // 10))
 
@@ -343,7 +354,9 @@ def sample_and_score(
         n = min(cfg.batch_size, cfg.num - start)
         parts.append(
             generate(model, tokenizer.spec, vocab, n, allowed_types=allowed, generator=g,
-                     temperature=cfg.temperature, top_k=cfg.top_k, max_items=cfg.max_items)  # fmt: skip
+                     temperature=cfg.temperature, top_k=cfg.top_k, max_items=cfg.max_items,
+                     tree_temperature=cfg.tree_temperature, atom_temperature=cfg.atom_temperature,
+                     xyz_temperature=cfg.xyz_temperature)  # fmt: skip
         )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -364,6 +377,8 @@ def sample_and_score(
         "sampling_seconds": seconds,
         "filtering": "off" if cfg.keep_fraction >= 1.0 else f"best {cfg.keep_fraction:.0%} by atom perplexity",
         "temperature": cfg.temperature,
+        "temperatures": {k: (cfg.temperature if t is None else t) for k, t in
+                         (("tree", cfg.tree_temperature), ("atom", cfg.atom_temperature), ("xyz", cfg.xyz_temperature))},
         "top_k": cfg.top_k,
     }
     if out_xyz is not None:
@@ -463,7 +478,8 @@ def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer, num_trees: i
     spec = tokenizer.spec
     model = Uni3DARConfig(
         vocab_size=len(tokenizer.vocab), bins=spec.bins, depth=spec.depth, num_trees=num_trees, d_model=cfg.model.d_model,
-        layers=cfg.model.layers, heads=cfg.model.heads, dropout=cfg.model.dropout,
+        layers=cfg.model.layers, heads=cfg.model.heads, dropout=cfg.model.dropout, mlp_heads=cfg.model.mlp_heads,
+        loss_norm=cfg.model.loss_norm, xyz_weight=cfg.model.xyz_weight,
     )  # fmt: skip
     return Uni3DARModule({"config": config_to_dict(cfg), "model": model.to_dict(), "optim": asdict(cfg.optim)})
 
@@ -610,6 +626,7 @@ def _module_from_checkpoint(checkpoint: Path) -> Uni3DARModule:
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "config" not in hp:
         raise ConfigError(f"checkpoint {checkpoint} was not written by a uni3dar pipeline (no hyper_parameters)")
+    hp = {**hp, "model": {"mlp_heads": False, **hp["model"]}}  # written before the MLP heads: linear ones
     module = Uni3DARModule(hp)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

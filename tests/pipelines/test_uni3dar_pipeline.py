@@ -79,6 +79,7 @@ def test_qm9_uni3dar_runs_end_to_end(tmp_path):
     assert ce["x"]["tokens"] == ce["type"]["tokens"]  # one x per atom
     s = metrics["sampling"]
     assert s["num_sampled"] == 6 and s["filtering"] == "best 50% by atom perplexity" and "filtered" in s
+    assert s["temperatures"] == {"tree": 0.9, "atom": 0.3, "xyz": 0.3}  # the reference's QM9 sampling
     assert 0.0 <= s["validity"] <= 1.0 and s["molecules_per_second"] > 0
     from threefold.pipelines.uni3dar import read_xyz_frames, score_xyz_samples
 
@@ -139,3 +140,20 @@ def test_geom_pickle_folder_as_data(tmp_path):
     mols, source = load_molecules(tmp_path, tmp_path / "run")
     assert len(mols) == 4 and source == str(tmp_path)
     assert mols[2]["numbers"].tolist() == [a.GetAtomicNum() for a in Chem.AddHs(Chem.MolFromSmiles("c1ccccc1O")).GetAtoms()]
+
+
+def test_checkpoint_from_before_the_mlp_heads_loads_with_linear_heads(tmp_path):
+    """A checkpoint whose hyper-parameters predate ``mlp_heads`` holds single linear heads
+    (``tree_head.weight``, ``tree_head.bias``): it must load as such, not fail on the MLP layout."""
+    from threefold.pipelines.uni3dar import Uni3DARModule, _module_from_checkpoint
+    from threefold.science.uni3dar import Uni3DARConfig
+
+    model = Uni3DARConfig(vocab_size=442, d_model=16, layers=1, heads=2, mlp_heads=False).to_dict()
+    module = Uni3DARModule({"config": {"octree": "qm9"}, "model": model, "optim": {}})
+    old_hp = {"config": {"octree": "qm9"}, "model": {k: v for k, v in model.items() if k not in ("mlp_heads", "loss_norm")},
+              "optim": {}}  # fmt: skip
+    assert "model.tree_head.bias" in module.state_dict()
+    torch.save({"hyper_parameters": old_hp, "state_dict": module.state_dict()}, tmp_path / "old.ckpt")
+    loaded = _module_from_checkpoint(tmp_path / "old.ckpt")
+    assert not loaded.model.cfg.mlp_heads
+    assert torch.equal(loaded.model.tree_head.weight, module.model.tree_head.weight)

@@ -252,6 +252,14 @@ class Uni3DARModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device, dataloader_idx: int) -> SequenceBatch:
         return batch.to(device)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # steady-state step time (after 10 warm-up steps: kernel selection, first allocations), so that
+        # a time-limited run can size its schedule from a short probe (``train_seconds`` includes set-up)
+        if self.global_step == 10:
+            self._t_step10 = time.perf_counter()
+        elif self.global_step > 10 and hasattr(self, "_t_step10"):
+            self.steady_seconds_per_step = (time.perf_counter() - self._t_step10) / (self.global_step - 10)
+
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> torch.Tensor:
         out = self.model.loss(batch)
         n = batch.tokens.shape[0]
@@ -528,6 +536,7 @@ class _Uni3DARPipelineBase(Pipeline):
             "pipeline": self.name, "data": source, "train_molecules": len(train_idx),
             "heldout_molecules": len(heldout_idx), "seed": cfg.seed, "global_step": int(trainer.global_step),
             "train_seconds": train_seconds,
+            "seconds_per_step": getattr(module, "steady_seconds_per_step", train_seconds / max(1, trainer.global_step)),
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics

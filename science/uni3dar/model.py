@@ -10,10 +10,10 @@ non-linearity is what lets the y head use the x just chosen (and z use x, y) *to
 context: with a single linear layer the logits of y would be ``W h + W e(x)``, the effect of x the
 same in every molecule, so y could not follow the bond geometry given x (see ``mlp_heads``).
 Positions enter through a 3D rotary embedding on the physical position in 0.01 Å units (the head
-dimension split over x, y, z), plus learned level and in-cell-offset embeddings. Pre-norm blocks with RMSNorm and SwiGLU;
-attention is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
-on GPU when the inputs allow), so the flash-attn package is not needed. Loss weights as in the
-reference: tree 1, atom type 1, each coordinate 0.1.
+dimension split over x, y, z), plus learned level and in-cell-offset embeddings. Pre-norm blocks
+with RMSNorm and SwiGLU; attention is ``torch.nn.functional.scaled_dot_product_attention``
+(flash / memory-efficient kernels on GPU when the inputs allow), so the flash-attn package is not
+needed. Loss weights as in the reference: tree 1, atom type 1, each coordinate 0.1.
 
 Shapes: B structures, L positions, D = ``d_model``; all tensors follow the input's device.
 """
@@ -158,6 +158,8 @@ class Uni3DAR(nn.Module):
 
     def __init__(self, cfg: Uni3DARConfig) -> None:
         super().__init__()
+        if cfg.loss_norm not in ("type", "token"):
+            raise ConfigError(f"Uni3DARConfig.loss_norm={cfg.loss_norm!r}: expected 'type' or 'token'")
         self.cfg = cfg
         D = cfg.d_model
         self.token_emb = nn.Embedding(cfg.vocab_size, D)
@@ -177,9 +179,11 @@ class Uni3DAR(nn.Module):
         self.type_cond = nn.Embedding(cfg.vocab_size, D)
         self.coord_cond = nn.ModuleList(nn.Embedding(cfg.bins, D) for _ in range(2))
         self.apply(self._init)
-        for m in self.modules():  # hidden layer of the MLP heads at fan-in scale (pre-activations ~ N(0, 1)):
-            if isinstance(m, TaskHead):  # at N(0, 0.02) a small model's head starts as a near-linear product of
-                nn.init.normal_(m.dense.weight, std=D**-0.5)  # two tiny matrices and learns slowly
+        # hidden layer of the MLP heads at fan-in scale (pre-activations ~ N(0, 1)): at N(0, 0.02) a small
+        # model's head starts as a near-linear product of two tiny matrices and learns slowly
+        for m in self.modules():
+            if isinstance(m, TaskHead):
+                nn.init.normal_(m.dense.weight, std=D**-0.5)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -277,7 +277,7 @@ def compact_profile(averages, on_device: bool, calls: int, rows: int = 12) -> st
 def load_weights(net: RAPiDSeg, path: str) -> None:
     """R-RAPiD-Seg weights from a Lightning checkpoint (``state_dict`` with the module's ``net.`` prefix)
     or a plain state dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     state = state.get("state_dict", state)
     if any(k.startswith("net.") for k in state):
         state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}

@@ -99,9 +99,12 @@ class Isensee2017UNet(nn.Module):
             ]
         )
         self.final_conv = _conv_block(2 * widths[0], 2 * widths[0])
-        # segmentation layers on levels 3, 2 and 1 (1-based), coarse to fine
+        # segmentation layers on levels 3, 2 and 1 (1-based), coarse to fine — on the decoder levels that
+        # exist: with 3 levels the third is the bottleneck, which has no localization output, so only two
+        # (a third layer would never run: dead weights, and DDP refuses unused parameters)
+        self.n_seg = min(3, levels - 1)
         self.seg = nn.ModuleList(
-            [nn.Conv3d(widths[2], out_channels, 1), nn.Conv3d(widths[1], out_channels, 1), nn.Conv3d(2 * widths[0], out_channels, 1)]
+            [nn.Conv3d(2 * widths[0] if lvl == 0 else widths[lvl], out_channels, 1) for lvl in reversed(range(self.n_seg))]
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,8 +122,8 @@ class Isensee2017UNet(nn.Module):
             x = torch.cat([up(x), skips.pop()], 1)
             level = self.levels - 2 - step  # 0-based level just reached
             x = self.localization[step](x) if level >= 1 else self.final_conv(x)
-            if level <= 2:
-                seg = self.seg[2 - level](x)
+            if level < self.n_seg:
+                seg = self.seg[self.n_seg - 1 - level](x)
                 seg_sum = seg if seg_sum is None else seg + F.interpolate(seg_sum, scale_factor=2, mode="nearest")
         return seg_sum
 

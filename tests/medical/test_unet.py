@@ -49,6 +49,17 @@ def test_output_is_sum_of_three_finest_segmentation_layers():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("levels", [3, 4])
+def test_every_parameter_is_used(levels):
+    """With 3 levels the third is the bottleneck (no localization output): only two segmentation layers
+    exist, so no parameter goes without a gradient (DDP refuses unused parameters)."""
+    torch.manual_seed(0)
+    net = Isensee2017UNet(in_channels=2, out_channels=3, base_filters=4, levels=levels)
+    net(torch.randn(1, 2, 16, 16, 16)).square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert len(net.seg) == min(3, levels - 1)
+
+
 def test_shape_error_names_divisibility():
     with pytest.raises(ConfigError, match="divisible by 16"):
         Isensee2017UNet(levels=5)(torch.zeros(1, 4, 24, 32, 32))

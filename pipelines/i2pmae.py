@@ -74,6 +74,7 @@ from threefold.pipelines.pointmae import (
     _warmup_cosine,
     per_class_figures,
     pretrained_state,
+    svm_figures,
 )
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -563,20 +564,4 @@ class ModelNet40I2PMAESVM(Pipeline):
         return result
 
     def figures(self, cfg: SVMConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
-        """Per-class test accuracy and confusion matrix of the linear SVM, and a PCA of the frozen
-        max-pooled test features coloured by class (from ``svm_test.npz``)."""
-        from threefold.pipelines.figures import figures_dir, plot_embedding
-
-        paths = super().figures(cfg, run_dir, metrics)
-        saved = run_dir / "svm_test.npz"
-        if not saved.is_file():
-            return paths
-        with np.load(saved) as f:
-            x, y, pred, names = f["features"], f["labels"], f["pred"], [str(c) for c in f["class_names"]]
-        encoder = f"pretrained encoder {cfg.pretrained}" if cfg.pretrained else f"randomly initialised encoder (seed {cfg.seed})"
-        out = figures_dir(run_dir)
-        paths += per_class_figures(out, pred, y, names, f"linear SVM (C={metrics.get('svm_c')}) on the {encoder}")
-        paths.append(plot_embedding(x, y.astype(np.int64), out / "embedding_pca.png", "pca", seed=cfg.seed, class_names=names,
-                                    caption=f"PCA of the frozen max-pooled test features ({len(y)} shapes, {encoder}), "
-                                            "coloured by class."))
-        return paths
+        return super().figures(cfg, run_dir, metrics) + svm_figures(run_dir, cfg.seed, cfg.pretrained, metrics.get("svm_c"))

@@ -513,6 +513,26 @@ def per_class_figures(out_dir: Path, pred: np.ndarray, target: np.ndarray, class
                                           "its number of test shapes).")]
 
 
+def svm_figures(run_dir: Path, seed: int, pretrained: str, svm_c: Any) -> list[Path]:
+    """Per-class test accuracy and confusion matrix of a linear SVM on frozen encoder features, and a PCA
+    of the max-pooled test features coloured by class, from the run's ``svm_test.npz`` (none without it).
+    Shared by the Point-MAE and I2P-MAE SVM pipelines."""
+    from threefold.pipelines.figures import figures_dir, plot_embedding
+
+    saved = run_dir / "svm_test.npz"
+    if not saved.is_file():
+        return []
+    with np.load(saved) as f:
+        x, y, pred, names = f["features"], f["labels"], f["pred"], [str(c) for c in f["class_names"]]
+    encoder = f"pretrained encoder {pretrained}" if pretrained else f"randomly initialised encoder (seed {seed})"
+    out = figures_dir(run_dir)
+    paths = per_class_figures(out, pred, y, names, f"linear SVM (C={svm_c}) on the {encoder}")
+    paths.append(plot_embedding(x, y.astype(np.int64), out / "embedding_pca.png", "pca", seed=seed, class_names=names,
+                                caption=f"PCA of the frozen max-pooled test features ({len(y)} shapes, {encoder}), "
+                                        "coloured by class."))
+    return paths
+
+
 class _FinetunePipeline(Pipeline):
     dataset = ""
 
@@ -626,20 +646,4 @@ class ModelNet40PointMAESVM(Pipeline):
         return result
 
     def figures(self, cfg: SVMConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
-        """Per-class test accuracy and confusion matrix of the linear SVM, and a PCA of the frozen
-        max-pooled test features coloured by class (from ``svm_test.npz``)."""
-        from threefold.pipelines.figures import figures_dir, plot_embedding
-
-        paths = super().figures(cfg, run_dir, metrics)
-        saved = run_dir / "svm_test.npz"
-        if not saved.is_file():
-            return paths
-        with np.load(saved) as f:
-            x, y, pred, names = f["features"], f["labels"], f["pred"], [str(c) for c in f["class_names"]]
-        encoder = f"pretrained encoder {cfg.pretrained}" if cfg.pretrained else f"randomly initialised encoder (seed {cfg.seed})"
-        out = figures_dir(run_dir)
-        paths += per_class_figures(out, pred, y, names, f"linear SVM (C={cfg.svm_c}) on the {encoder}")
-        paths.append(plot_embedding(x, y.astype(np.int64), out / "embedding_pca.png", "pca", seed=cfg.seed, class_names=names,
-                                    caption=f"PCA of the frozen max-pooled test features ({len(y)} shapes, {encoder}), "
-                                            "coloured by class."))
-        return paths
+        return super().figures(cfg, run_dir, metrics) + svm_figures(run_dir, cfg.seed, cfg.pretrained, cfg.svm_c)

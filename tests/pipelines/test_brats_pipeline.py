@@ -44,25 +44,14 @@ def _run(tmp_path: Path, pipeline: str, extra: list[str]) -> Path:
 
 def check_brats_figures(run: Path, metrics: dict) -> None:
     pytest.importorskip("matplotlib")
-    from matplotlib.image import imread
+    from figure_checks import check_run_figures
 
     from threefold.pipelines.figures import png_caption
 
     # 100 dpi: slice 9 x (2 x 3.2) in (FLAIR row, T1ce row); bars: 2 families (Dice, HD95) x max(4, 0.45 * 3 + 1.5) in x 3.6 in
     expected = {"slice_case0.png": (640, 900), "per_class.png": (360, 800)}
     figs = run / "figures"
-    names = sorted(p.name for p in figs.glob("*.png"))
-    assert [n for n in names if n != "curves.png"] == sorted(expected)
-    report = (run / "report.md").read_text()
-    for name in names:
-        img = imread(figs / name)
-        if name == "curves.png":  # 400 x 320 px per logged metric family
-            assert img.shape[0] % 320 == 0 and img.shape[1] % 400 == 0, img.shape
-        else:
-            assert img.shape[:2] == expected[name], (name, img.shape)
-        gray = img[..., :3].mean(-1)
-        assert gray.var() > 2e-3 and (gray < 0.9).mean() > 0.01, f"{name} looks blank"
-        assert f"(figures/{name})" in report
+    check_run_figures(figs, (run / "report.md").read_text(), expected)
     caption = png_caption(figs / "per_class.png")
     for region in ("WT", "TC", "ET"):
         assert f"{region} {metrics[f'Dice/{region}']:.3f}" in caption, (region, caption)

@@ -6,31 +6,19 @@ the report."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
 
+from figure_checks import assert_not_blank, decode  # noqa: E402
 from threefold.datasets.errors import DataFormatError  # noqa: E402
 from threefold.geometry.bspnet.extraction import parts_from_halfspaces  # noqa: E402
 from threefold.pipelines.figures import png_caption  # noqa: E402
 from threefold.pipelines.figures_meshes import VOXEL_COLOUR, plot_voxels_and_convexes, polygon_parts  # noqa: E402
 
 TAB10 = np.array([[0.122, 0.467, 0.706], [1.0, 0.498, 0.055], [0.173, 0.627, 0.173]])
-
-
-def decode(path: Path) -> np.ndarray:
-    from matplotlib.image import imread
-
-    return imread(path)
-
-
-def assert_not_blank(img: np.ndarray, path: Path) -> None:
-    gray = img[..., :3].mean(-1)
-    assert gray.var() > 2e-3, f"{path} looks blank (variance {gray.var():.2e})"
-    assert (gray < 0.9).mean() > 0.01, f"{path}: under 1% of the pixels are drawn"
 
 
 def has_hue(img: np.ndarray, rgb: np.ndarray, tol: float = 0.02) -> bool:

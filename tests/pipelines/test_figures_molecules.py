@@ -109,21 +109,31 @@ def check_pngs(run: Path, expected: dict[str, tuple[int, int]]) -> None:
         assert f"(figures/{name})" in report
 
 
-def test_qm9_uni3dar_figures_and_missing_rdkit(tmp_path, monkeypatch, caplog):
-    from threefold.pipelines.cli import main
-    from threefold.pipelines.config import read_yaml, resolve_config
-    from threefold.pipelines.registry import get_pipeline
+SMALL_MOLECULE_RUN = ["limit_molecules=24", "heldout_fraction=0.25", "model.d_model=32", "model.layers=1", "model.heads=2",
+                      "trainer.max_epochs=2", "trainer.batch_size=6", "sample.num=6", "sample.batch_size=6",
+                      "sample.max_items=120", "trainer.accelerator=cpu"]  # fmt: skip
 
-    overrides = ["limit_molecules=24", "heldout_fraction=0.25", "model.d_model=32", "model.layers=1", "model.heads=2",
-                 "trainer.max_epochs=2", "trainer.batch_size=6", "sample.num=6", "sample.batch_size=6",
-                 "sample.max_items=120", "trainer.accelerator=cpu"]  # fmt: skip
-    assert main(["run", "qm9-uni3dar", *overrides, "--runs-dir", str(tmp_path)]) == 0
-    run = run_dir(tmp_path, "qm9-uni3dar")
+
+def run_and_check_molecule_figures(tmp_path, pipeline: str) -> tuple[Path, dict]:
+    """A small run of a molecule pipeline; its figures' sizes, the sample grid's validity count against
+    metrics.json and the token-length caption's structure count."""
+    from threefold.pipelines.cli import main
+
+    assert main(["run", pipeline, *SMALL_MOLECULE_RUN, "--runs-dir", str(tmp_path)]) == 0
+    run = run_dir(tmp_path, pipeline)
     metrics = json.loads((run / "metrics.json").read_text())
     check_pngs(run, {"curves.png": (0, 0), "token_lengths.png": (400, 600), "samples.png": (500, 1000)})
     valid = int(re.search(r"(\d+) valid", png_caption(run / "figures" / "samples.png")).group(1))
     assert valid == round(metrics["sampling"]["validity"] * 6)
     assert "24 of 24 structures" in png_caption(run / "figures" / "token_lengths.png")
+    return run, metrics
+
+
+def test_qm9_uni3dar_figures_and_missing_rdkit(tmp_path, monkeypatch, caplog):
+    from threefold.pipelines.config import read_yaml, resolve_config
+    from threefold.pipelines.registry import get_pipeline
+
+    run, metrics = run_and_check_molecule_figures(tmp_path, "qm9-uni3dar")
 
     pipe = get_pipeline("qm9-uni3dar")
     cfg = resolve_config(pipe.config_class, overrides=read_yaml(run / "config.yaml"))
@@ -138,18 +148,7 @@ def test_qm9_uni3dar_figures_and_missing_rdkit(tmp_path, monkeypatch, caplog):
 def test_geomdrugs_uni3dar_figures(tmp_path):
     """geomdrugs-uni3dar shares ``_Uni3DARPipelineBase.figures`` with qm9-uni3dar; its own embedded default."""
     pytest.importorskip("rdkit")
-    from threefold.pipelines.cli import main
-
-    overrides = ["limit_molecules=24", "heldout_fraction=0.25", "model.d_model=32", "model.layers=1", "model.heads=2",
-                 "trainer.max_epochs=2", "trainer.batch_size=6", "sample.num=6", "sample.batch_size=6",
-                 "sample.max_items=120", "trainer.accelerator=cpu"]  # fmt: skip
-    assert main(["run", "geomdrugs-uni3dar", *overrides, "--runs-dir", str(tmp_path)]) == 0
-    run = run_dir(tmp_path, "geomdrugs-uni3dar")
-    metrics = json.loads((run / "metrics.json").read_text())
-    check_pngs(run, {"curves.png": (0, 0), "token_lengths.png": (400, 600), "samples.png": (500, 1000)})
-    valid = int(re.search(r"(\d+) valid", png_caption(run / "figures" / "samples.png")).group(1))
-    assert valid == round(metrics["sampling"]["validity"] * 6)
-    assert "24 of 24 structures" in png_caption(run / "figures" / "token_lengths.png")
+    run_and_check_molecule_figures(tmp_path, "geomdrugs-uni3dar")
 
 
 def test_mp20_uni3dar_figures(tmp_path):

@@ -72,9 +72,9 @@ from threefold.pipelines.pointmae import (
     _param_groups,
     _step_generator,
     _warmup_cosine,
-    per_class_figures,
     pretrained_state,
     svm_figures,
+    predicted_split_figures,
 )
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -454,18 +454,8 @@ class _FinetunePipeline(Pipeline):
         if not (ckpt.is_file() and data.is_file()):
             return paths
         _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
-        predictor = self.load(cfg, ckpt)
-        device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-                              else "cpu")
-        predictor.module.to(device)
-        step = max(1, cfg.trainer.batch_size)
-        preds, targets = [], []
-        for start in range(0, len(test), step):
-            batch = collate_objects([test[i] for i in range(start, min(len(test), start + step))])
-            preds.append(predictor.predict(batch["coord"].to(device)).cpu())
-            targets.append(batch["category"])
-        return paths + per_class_figures(figures_dir(run_dir), torch.cat(preds).numpy(), torch.cat(targets).numpy(),
-                                         list(test.class_names), f"{self.name}, final checkpoint")
+        return paths + predicted_split_figures(figures_dir(run_dir), test, self.load(cfg, ckpt), cfg.trainer.accelerator,
+                                          cfg.trainer.batch_size, f"{self.name}, final checkpoint")
 
     def load(self, cfg: FinetuneConfig, checkpoint) -> ClassifierPredictor:
         ckpt = load_checkpoint(checkpoint)

@@ -513,6 +513,23 @@ def per_class_figures(out_dir: Path, pred: np.ndarray, target: np.ndarray, class
                                           "its number of test shapes).")]
 
 
+def predicted_split_figures(out_dir: Path, test: Any, predictor: ClassifierPredictor, accelerator: str, batch_size: int,
+                            what: str) -> list[Path]:
+    """Per-class accuracy and confusion matrix of ``predictor`` over the whole ``test`` split (an object
+    dataset with ``class_names``), one pass of FPS'd clouds as ``test_acc``. Shared by the Point-MAE and
+    I2P-MAE fine-tuning pipelines."""
+    # the whole test split goes through FPS and the encoder again: on the run's GPU when it had one
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    predictor.module.to(device)
+    step = max(1, batch_size)
+    preds, targets = [], []
+    for start in range(0, len(test), step):
+        batch = collate_objects([test[i] for i in range(start, min(len(test), start + step))])
+        preds.append(predictor.predict(batch["coord"].to(device)).cpu())
+        targets.append(batch["category"])
+    return per_class_figures(out_dir, torch.cat(preds).numpy(), torch.cat(targets).numpy(), list(test.class_names), what)
+
+
 def svm_figures(run_dir: Path, seed: int, pretrained: str, svm_c: Any) -> list[Path]:
     """Per-class test accuracy and confusion matrix of a linear SVM on frozen encoder features, and a PCA
     of the max-pooled test features coloured by class, from the run's ``svm_test.npz`` (none without it).
@@ -549,19 +566,8 @@ class _FinetunePipeline(Pipeline):
         if not (ckpt.is_file() and data.is_file()):
             return paths
         _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
-        predictor = self.load(cfg, ckpt)
-        # the whole test split goes through FPS and the encoder again: on the run's GPU when it had one
-        device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-                              else "cpu")
-        predictor.module.to(device)
-        preds, targets = [], []
-        for start in range(0, len(test), max(1, cfg.trainer.batch_size)):
-            batch = collate_objects([test[i] for i in range(start, min(len(test), start + cfg.trainer.batch_size))])
-            preds.append(predictor.predict(batch["coord"].to(device)).cpu())
-            targets.append(batch["category"])
-        what = f"{self.name}, final checkpoint"
-        return paths + per_class_figures(figures_dir(run_dir), torch.cat(preds).numpy(), torch.cat(targets).numpy(),
-                                         list(test.class_names), what)
+        return paths + predicted_split_figures(figures_dir(run_dir), test, self.load(cfg, ckpt), cfg.trainer.accelerator,
+                                          cfg.trainer.batch_size, f"{self.name}, final checkpoint")
 
 
 @register_pipeline

@@ -65,6 +65,7 @@ from threefold.pipelines.pointmae import (
     OptimConfig,
     SampleConfig,
     _check_batch,
+    _FinetunePipeline as _PointMAEFinetunePipeline,
     _data_root,
     _fit_test_export,
     _fps_points,
@@ -74,7 +75,6 @@ from threefold.pipelines.pointmae import (
     _warmup_cosine,
     pretrained_state,
     svm_figures,
-    predicted_split_figures,
 )
 from threefold.pipelines.registry import Pipeline, register_pipeline
 
@@ -441,21 +441,14 @@ def _finetune_run(pipe: Pipeline, cfg: FinetuneConfig, ctx: RunContext, dataset:
     }
 
 
-class _FinetunePipeline(Pipeline):
+class _FinetunePipeline(_PointMAEFinetunePipeline):
+    """Point-MAE's fine-tuning pipeline shape (figures of the final checkpoint on the test split) with
+    I2P-MAE's data sets and checkpoints."""
+
     dataset: str
 
-    def figures(self, cfg: FinetuneConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:
-        """Curves, then per-class test accuracy and the confusion matrix of the final checkpoint
-        (single pass on FPS'd test clouds, as ``test_acc``)."""
-        from threefold.pipelines.figures import figures_dir
-
-        paths = super().figures(cfg, run_dir, metrics)
-        ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
-        if not (ckpt.is_file() and data.is_file()):
-            return paths
-        _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
-        return paths + predicted_split_figures(figures_dir(run_dir), test, self.load(cfg, ckpt), cfg.trainer.accelerator,
-                                          cfg.trainer.batch_size, f"{self.name}, final checkpoint")
+    def test_split(self, cfg: FinetuneConfig, data_root: Path) -> Any:
+        return _finetune_sets(cfg, data_root, self.dataset)[1]
 
     def load(self, cfg: FinetuneConfig, checkpoint) -> ClassifierPredictor:
         ckpt = load_checkpoint(checkpoint)

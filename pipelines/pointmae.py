@@ -553,6 +553,10 @@ def svm_figures(run_dir: Path, seed: int, pretrained: str, svm_c: Any) -> list[P
 class _FinetunePipeline(Pipeline):
     dataset = ""
 
+    def test_split(self, cfg: FinetuneConfig, data_root: Path) -> Any:
+        """The run's test split (object dataset with ``class_names``), read again for the figures."""
+        return _finetune_sets(cfg, data_root, self.dataset)[1]
+
     def load(self, cfg: FinetuneConfig, checkpoint: Path) -> ClassifierPredictor:
         return ClassifierPredictor(_finetune_from_checkpoint(checkpoint))
 
@@ -565,7 +569,7 @@ class _FinetunePipeline(Pipeline):
         ckpt, data = run_dir / "checkpoints" / "last.ckpt", run_dir / "data_path.txt"
         if not (ckpt.is_file() and data.is_file()):
             return paths
-        _, test = _finetune_sets(cfg, Path(data.read_text().strip()), self.dataset)
+        test = self.test_split(cfg, Path(data.read_text().strip()))
         return paths + predicted_split_figures(figures_dir(run_dir), test, self.load(cfg, ckpt), cfg.trainer.accelerator,
                                           cfg.trainer.batch_size, f"{self.name}, final checkpoint")
 

@@ -26,6 +26,8 @@ once in NumPy and once in torch; the tests hold both to a brute-force reference.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections.abc import Sequence
 
@@ -34,7 +36,7 @@ import torch
 
 from threefold.datasets.errors import ConfigError, DataFormatError
 from threefold.datasets.semantickitti import HDL64_FOV_DEG, lidar_rings
-from threefold.geometry.rapid.window_knn import azimuth_window_knn
+from threefold.geometry.rapid.window_knn import window_knn_sorted
 
 __all__ = ["lidar_rings", "rapid_features", "HDL64_FOV_DEG", "SEMANTICKITTI_K", "NUSCENES_K"]
 
@@ -283,6 +285,8 @@ def _rapid_numpy(coord: np.ndarray, rem: np.ndarray, roi: np.ndarray, k: tuple[i
 _BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 22}
 
 
+_SMALLEST_DOUBLE = math.ulp(0.0)  # 5e-324: clamping a maximum >= 0 to it changes only a maximum of 0
+
 _FAR = 1.0e7  # metres: where padded slots of a RoI batch sit, beyond any real neighbour
 
 
@@ -346,63 +350,71 @@ def _knn_torch(coord: torch.Tensor, roi: torch.Tensor, kq: int) -> tuple[torch.T
     return sel, idx_out[inv], dist_out[inv]
 
 
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once (read-only): ``torch.tensor(values, device="cuda")``
+    is a host-to-device copy that synchronises the stream, once per scan otherwise."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: tuple[int, ...],
                  ranges: tuple[float, ...], delta: float | None, k_max: int, origin: Sequence[float] | None,
                  d_range: tuple[float, float] | None, r_range: tuple[float, float] | None,
                  normalize: bool, search: str = "window") -> torch.Tensor:
-    """The row operations on torch tensors. On a GPU a scan is launch-bound, so frame-wide extremes
-    are masked reductions (no boolean indexing, which synchronises) and the RoI-less points are
-    gathered away only when there are any."""
+    """The row operations on torch tensors. On a GPU a scan is bound by the host's dispatch (one launch per
+    operation, plus each synchronisation), so: no boolean indexing or compaction (points without a RoI go
+    through the window search as RoIs of one point and come out as zero rows), frame-wide extremes as
+    plain reductions, constants cached on the device, and the rows computed in the window search's sorted
+    order and permuted back once."""
     dev = coord.device
     n = coord.shape[0]
-    f64 = dict(dtype=torch.float64, device=dev)
-    out = torch.zeros((n, k_max), dtype=torch.float32, device=dev)
-    sel = torch.nonzero(roi >= 0).squeeze(1)
-    m = sel.numel()
-    if m == 0:
-        return out
-    every = m == n  # R-RAPiD: every point has a ring
-    c = coord.double() if every else coord[sel].double()
-    o = None if origin is None else torch.as_tensor(origin, **f64)
+    if n == 0:
+        return torch.zeros((0, k_max), dtype=torch.float32, device=dev)
+    c = coord.double()
+    o = None if origin is None else _device_constant(tuple(float(v) for v in origin), torch.float64, dev)
     rng = torch.linalg.vector_norm(c if o is None else c - o, dim=1)
-    k_pt = torch.as_tensor(k, device=dev)[torch.searchsorted(torch.as_tensor(ranges, **f64), rng, right=True)]
-    if search == "cdist":
-        _, idx, dist = _knn_torch(coord, roi, max(k))
-        dist = dist.double()
+    band = torch.searchsorted(_device_constant(ranges, torch.float64, dev), rng, right=True)
+    k_pt = _device_constant(k, torch.int32, dev)[band]
+    if search == "cdist":  # the exhaustive reference, rows in input order
+        sel, idx_m, dist_m = _knn_torch(coord, roi, max(k))
+        order = None
+        idx = torch.zeros((n, max(k)), dtype=torch.long, device=dev)
+        dist = torch.full((n, max(k)), float("inf"), dtype=torch.float64, device=dev)
+        idx[sel] = torch.where(idx_m >= 0, sel[idx_m.clamp(min=0)], 0)
+        dist[sel] = dist_m.double()
+        n_found = torch.minimum(k_pt, (dist < float("inf")).sum(1))
+        remf = rem.double()
     else:
-        idx, dist = azimuth_window_knn(c, roi if every else roi[sel], k_pt, o, k_max=max(k))
-    col = torch.arange(idx.shape[1], device=dev)
-    valid = (col < k_pt[:, None]) & (idx >= 0)
-    remf = rem.double()
-    rsel = remf if every else remf[sel]
-    dr = rsel[:, None] - rsel[idx.clamp(min=0)]
-    inf = float("inf")
-    if d_range is None:  # D_min, D_max over the frame's neighbour pairs; (0, 0) when there are none
-        d_lo = dist.masked_fill(~valid, inf).amin()
-        d_hi = dist.masked_fill(~valid, -inf).amax()
-        d_width = torch.where(d_hi >= d_lo, d_hi - d_lo, 0.0)
+        order, idx, dist, n_found, remf = window_knn_sorted(c, roi, k_pt, o, k_max=max(k), carry=rem)
+    # rows in the search's order: row j's columns ascend, the first n_found[j] are its neighbours
+    invalid = _device_constant(tuple(range(dist.shape[1])), torch.int32, dev) >= n_found[:, None]
+    if d_range is None:  # D_min, D_max over the frame's neighbour pairs; a width of 0 when there are none
+        # a row's nearest is column 0 (inf only where the point has no neighbour)
+        d_width = (dist.masked_fill(invalid, 0.0).amax() - dist[:, 0].amin()).clamp_(min=0.0)
     else:
-        d_width = torch.tensor(float(d_range[1]) - float(d_range[0]), **f64)
+        d_width = float(d_range[1]) - float(d_range[0])
     if r_range is None:
-        r_lo, r_hi = torch.aminmax(remf)
+        r_lo, r_hi = torch.aminmax(remf)  # remf: the remission in the rows' order, float64
         span = r_hi - r_lo
+        s = (d_width / span).masked_fill_(span <= 0, 0.0)  # r_max = r_min: 3D distances only
     else:
-        span = torch.tensor(float(r_range[1]) - float(r_range[0]), **f64)
-    s = torch.where(span > 0, d_width / torch.where(span > 0, span, 1.0), 0.0)
-    rho = torch.sqrt(dist.square() + (dr * s).square_()).masked_fill_(~valid, float("inf"))
-    rho = torch.sort(rho, dim=1).values
-    n_valid = valid.sum(dim=1)
-    if normalize:  # by the frame's largest ρ (rows hold ρ ≥ 0 or inf)
-        top = torch.where(rho < inf, rho, 0.0).amax()
-        rho = rho / torch.where(top > 0, top, 1.0)
+        span = float(r_range[1]) - float(r_range[0])
+        s = d_width / span if span > 0 else d_width * 0.0
+    dr = remf[:, None] - remf[idx]  # idx holds a real position everywhere; invalid columns are masked below
+    rho = torch.sqrt(dist.square() + (dr * s).square_()).masked_fill_(invalid, float("inf"))
+    # sorted, the invalid columns are again the last ones; 0 there from now on (see the padding below)
+    rho = torch.sort(rho, dim=1).values.masked_fill_(invalid, 0.0)
+    if normalize:  # by the frame's largest ρ; a frame whose ρ are all 0 keeps them (÷ the smallest double)
+        rho = rho.div_(rho.amax().clamp_(min=_SMALLEST_DOUBLE))
     if delta is not None:
-        rho = torch.clamp(rho, max=float(delta))
-    last = torch.gather(rho, 1, (n_valid - 1).clamp(min=0)[:, None])
-    cap = torch.where(n_valid[:, None] > 0, last, 0.0)
-    rows = torch.where(col[None, :] < n_valid[:, None], rho, cap).float()
+        rho = rho.clamp_(max=float(delta))
+    # pad each row with its last valid value, 0 when it has none: the valid columns ascend and the
+    # invalid ones hold 0, so a running maximum along the row is exactly that padding
+    rows = rho.cummax(1).values.float()
     if rows.shape[1] < k_max:
         rows = torch.cat([rows, rows[:, -1:].expand(-1, k_max - rows.shape[1])], 1)
-    if every:
+    if order is None:
         return rows
-    out[sel] = rows
+    out = torch.empty_like(rows)
+    out[order] = rows
     return out

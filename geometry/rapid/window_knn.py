@@ -28,14 +28,16 @@ own); such ties only change a feature when the tied points differ in remission.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from threefold.datasets.errors import ConfigError
 
-__all__ = ["azimuth_window_knn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET", "WHOLE_ROI_PAIRS"]
+__all__ = ["azimuth_window_knn", "window_knn_sorted", "SortedKnn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET", "WHOLE_ROI_PAIRS"]
 
 #: Candidates per side of the first window. 16 settles 93 % of the queries of the real 124,668-point
 #: 64-beam scan at k = 10 / 7 / 5 (benchmarks/rapid_features.py prints the rounds).
@@ -78,6 +80,26 @@ def _disable_triton(err: Exception) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+class SortedKnn(NamedTuple):
+    """The window search's answer in its own sorted order (by RoI, then azimuth), before any back-permutation."""
+
+    order: Tensor  #: (M,) int64: the input row of each sorted position
+    idx: Tensor  #: (M, K) int32 (int64 past 2**31 points) sorted positions of the neighbours; any position where dist is inf
+    dist: Tensor  #: (M, K) float64 3D distances, nearest first, inf where the window held no further point
+    n_found: Tensor  #: (M,) min(k_pt, RoI size - 1): the leading columns that are the exact nearest
+    carried: Tensor | None  #: (M,) float64 ``carry`` in the sorted order (None without one)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Window offsets -w-1, -w..-1, 1..w, w+1 (the outer two are the first excluded points of a window that
+    does not cover its RoI, whose azimuths the exactness check needs). Made once per (w, device): three of
+    every round's launches otherwise. Read-only."""
+    off = torch.arange(-(w + 1), w + 1, device=device, dtype=dtype)
+    off += off >= 0
+    return off
+
+
 def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
                        window: int | None = None, stats: dict | None = None, k_max: int | None = None,
                        backend: str = "auto", whole_roi_pairs: int | None = None) -> tuple[Tensor, Tensor]:
@@ -85,8 +107,9 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
 
     Args:
         coord: (M, 3) float coordinates, metres (any device; computed in float64).
-        roi: (M,) int64 RoI id of each point, all >= 0 (callers drop points without a RoI first).
-        k_pt: (M,) int64 neighbours wanted per point, >= 1.
+        roi: (M,) int64 RoI id of each point; a negative id means no RoI (the point gets no neighbours
+            and is nobody's neighbour).
+        k_pt: (M,) integer neighbours wanted per point, >= 1.
         origin: (3,) sensor position, the azimuth centre (default the coordinate origin). Any centre
             gives exact results; the sensor gives the narrowest windows for ring RoIs.
         window: candidates per side in the first round (default :data:`WINDOW`, read at call time).
@@ -105,118 +128,171 @@ def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor 
         to be the true next neighbours; callers mask them). A RoI of m <= k_pt[j] points gives its
         points m - 1 neighbours, the rest of the row -1 / inf.
 
-    Written for few kernel launches (a scan's search is launch-bound on a GPU, not compute-bound): the
-    first round works on views of the sorted arrays, rows are written unconditionally (a failed
-    query's row is overwritten by a later round) and the only synchronisations are the sizes of the
-    failed sets.
+    :func:`window_knn_sorted` is the same search without the back-permutation (RAPiD features compute
+    their rows in the sorted order and permute once, at the end).
+    """
+    found = window_knn_sorted(coord, roi, k_pt, origin, window, stats, k_max, backend, whole_roi_pairs)
+    idx = torch.empty(found.idx.shape, dtype=torch.long, device=coord.device)
+    dist = torch.empty_like(found.dist)
+    idx[found.order] = torch.where(found.dist < float("inf"), found.order[found.idx], -1)
+    dist[found.order] = found.dist
+    return idx, dist
+
+
+def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
+                      window: int | None = None, stats: dict | None = None, k_max: int | None = None,
+                      backend: str = "auto", whole_roi_pairs: int | None = None,
+                      carry: Tensor | None = None) -> SortedKnn:
+    """:func:`azimuth_window_knn` (same arguments) in the search's sorted order: see :class:`SortedKnn`.
+    ``carry`` (M,), optional: per-point values (RAPiD: the remission) returned in that order as float64,
+    sorted with the coordinates in one gather.
+
+    Written for few kernel launches and host synchronisations (a scan's search is bound by the host's
+    dispatch on a GPU, not by its arithmetic): no ``torch.unique`` and no compaction of RoI-less points
+    (a negative id becomes a RoI of its own point), small constants made once per device, the first
+    round on views of the sorted arrays, its rows used as they come out of ``topk``, rows written
+    unconditionally (a failed query's row is overwritten by a later round), and the only
+    synchronisations are the sizes of the failed sets plus the largest RoI's size, read after the
+    first round is queued (the first round does not need it).
     """
     dev = coord.device
     m = coord.shape[0]
     kq = (int(k_pt.max()) if m else 1) if k_max is None else int(k_max)
-    idx_s = torch.full((m, kq), -1, dtype=torch.long, device=dev)
-    dist_s = torch.full((m, kq), float("inf"), dtype=torch.float64, device=dev)
     if stats is not None:
         stats["rounds"] = []
+    small = m < 2**31 - 1  # int32 positions: half the bytes of the largest index tensors
     if m == 0:
-        return idx_s, dist_s
+        empty = torch.empty((0, kq), dtype=torch.int32, device=dev)
+        return SortedKnn(torch.empty(0, dtype=torch.long, device=dev), empty,
+                         torch.empty((0, kq), dtype=torch.float64, device=dev), torch.empty(0, dtype=torch.int32, device=dev),
+                         None if carry is None else torch.empty(0, dtype=torch.float64, device=dev))
     x = coord.double()
     rel = x if origin is None else x - origin.to(device=dev, dtype=torch.float64)
     phi = torch.remainder(torch.atan2(rel[:, 1], rel[:, 0]), _TWO_PI)  # [0, 2π)
-    _, rank, counts = torch.unique(roi, return_inverse=True, return_counts=True)
-    # one sort by (RoI, azimuth): rank·8 + φ keeps RoIs apart since φ < 2π < 8
-    order = torch.argsort(rank.double() * 8.0 + phi)
+    positions = torch.arange(m, device=dev, dtype=torch.int32 if small else torch.long)
+    # sort by (RoI, azimuth) with no synchronisation: by azimuth, then stably by RoI id (torch.unique's
+    # dense RoI ranks, for a single float key, would cost one). A negative id becomes ~position =
+    # -1 - position: a RoI of one point, which has no neighbours and never fails the check.
+    key = roi.where(roi >= 0, ~positions)
+    _, by_phi = torch.sort(phi)
+    key_s, by_key = torch.sort(key[by_phi], stable=True)
+    order = by_phi[by_key]
     # per sorted point, packed so that a round gathers them at once: RoI start, RoI length L, position
-    # inside the RoI, ⌊(L-1)/2⌋ and L-1-⌊(L-1)/2⌋ (the most candidates a window can take left / right
-    # before it wraps onto itself), and the column of its own k-th neighbour
-    first = (torch.cumsum(counts, 0) - counts)[rank[order]]
-    length = counts[rank[order]]
-    half = torch.div(length - 1, 2, rounding_mode="floor")
-    meta = torch.stack([first, length, torch.arange(m, device=dev) - first, half, length - 1 - half,
-                        k_pt[order].long() - 1], 1)
-    xs = x[order].T.contiguous()  # (3, M): a candidate gather is one index op, the sum over xyz contiguous
-    # (2, M): azimuth and distance from the sensor's vertical axis
-    polar = torch.stack([phi, torch.linalg.vector_norm(rel[:, :2], dim=1)])[:, order].contiguous()
-    max_len = int(counts.max())
+    # inside the RoI, -⌊(L-1)/2⌋ and L-1-⌊(L-1)/2⌋ (the most candidates a window can take left, negated,
+    # and right before it wraps onto itself), and the column of its own k-th neighbour. A RoI is the run of
+    # equal keys around the point: two binary searches in the sorted keys.
+    first = torch.searchsorted(key_s, key_s, out_int32=small)
+    length = torch.searchsorted(key_s, key_s, right=True, out_int32=small) - first
+    others = length - 1
+    neg_left = torch.div(others, -2, rounding_mode="trunc")  # -⌊(L-1)/2⌋ (others >= 0)
+    right = others + neg_left
+    k_s = k_pt[order].to(positions.dtype)
+    meta = torch.stack([first, length, positions - first, neg_left, right, k_s - 1], 1)
+    # (6, M) float64 per sorted point: x, y, z (rows 0-2: a round's candidate gather is one index_select,
+    # contiguous over the candidates), -φ and φ (the check gathers the left end's -φ and the right end's φ,
+    # so both azimuth gaps are one subtraction from the query's (-φ, φ)) and ρ, the distance from the
+    # sensor's vertical axis; a round gathers its queries' six values in one op. Row 6: ``carry``
+    # (stack promotes it to float64)
+    tab = torch.stack([x[:, 0], x[:, 1], x[:, 2], phi.neg(), phi, torch.linalg.vector_norm(rel[:, :2], dim=1)]
+                      + ([] if carry is None else [carry])).index_select(1, order)
+    xs = tab[:3]
+    max_len: Tensor | int = length.max()  # read (a synchronisation) once the first round is queued
     budget = PAIR_BUDGET.get(dev.type, PAIR_BUDGET["cpu"])
     whole = WHOLE_ROI_PAIRS.get(dev.type, 2 * budget) if whole_roi_pairs is None else int(whole_roi_pairs)
     kernel = _triton_round() if (backend == "triton" or (backend == "auto" and coord.is_cuda and USE_TRITON)) else None
     if backend == "triton" and kernel is None:
         raise ConfigError("azimuth_window_knn(backend='triton'): Triton is not installed")
-    positions = torch.arange(m, device=dev)
-    if kernel is None and m < 2**31 - 1:  # int32 candidate positions: half the bytes of the largest index tensors
-        meta = meta.int()
-        idx_s = idx_s.int()
+    if kernel is not None:  # the kernel's layout: int64, column 3 = ⌊(L-1)/2⌋
+        meta6 = meta.long()
+        meta6[:, 3].neg_()
 
-    def round_torch(q: slice | Tensor, w: int, check: bool) -> Tensor | None:
-        """Rows ``q`` with windows of ``w`` per side (one block); the failed rows' offsets in ``q``."""
-        f, length_q, i, h, r, kcol = meta[q].unbind(1)
-        # offsets -w-1, -w..-1, 1..w, w+1: the outer two are the first excluded points of a window
-        # that does not cover its RoI (a = b = w), whose azimuths the exactness check needs
-        off = torch.arange(-(w + 1), w + 1, device=dev, dtype=meta.dtype)
-        off += off >= 0
+    def round_torch(q: slice | Tensor, w: int, last: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows ``q`` with windows of ``w`` per side (one block): squared distances, sorted positions and
+        the failed rows' offsets in ``q`` (None in the last round: its windows take whole RoIs, w = the
+        largest RoI's size, nothing to clamp and nothing to check)."""
+        mq, tq = meta[q], tab[:, q]
+        f, length_q, i, _, r, kcol = mq.unbind(1)
+        off = _offsets(w, dev, meta.dtype)  # -w-1, -w..-1, 1..w, w+1
         # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
-        outside = (off < -torch.clamp(h, max=w)[:, None]) | (off > torch.clamp(r, max=w)[:, None])
+        lo_hi = mq[:, 3:5] if last else mq[:, 3:5].clamp(-w, w)
+        outside = (off < lo_hi[:, :1]) | (off > lo_hi[:, 1:])
         cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
         diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
-        d2 = diff.sub_(xs[:, q, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
+        d2 = diff.sub_(tq[:3, :, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
         d2.masked_fill_(outside, float("inf"))
         best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
-        idx_s[q] = cand.gather(1, at)  # -1 where the distance is inf: set once at the end
-        dist_s[q] = best
-        if not check:
-            return None
-        # exactness check (module docstring), for windows that do not cover their RoI (r > w)
-        ends = cand[:, :: cand.shape[1] - 1]  # columns 0 and -1 as a view (C = 2w + 2 >= 4)
-        pq = polar[:, q]  # one gather of the queries' (φ, ρ)
-        gap = torch.remainder((pq[0, :, None] - polar[0, ends]) * sign, _TWO_PI).amin(1)
-        bound = pq[1] * torch.sin(gap.clamp_(max=math.pi / 2))
+        pos = cand.gather(1, at)
+        if last:
+            return best, pos, None
+        # exactness check (module docstring), for windows that do not cover their RoI (r > w): the
+        # azimuth gaps to the first excluded points, columns 0 and -1 (a view: C = 2w + 2 >= 4)
+        ends = cand[:, :: cand.shape[1] - 1]
+        gap = torch.remainder(tab[3:5].gather(1, ends.t()) - tq[3:5], _TWO_PI).amin(0)
+        bound = tq[5] * torch.sin(gap.clamp_(max=math.pi / 2))
         # margin: φ and ρ carry float64 rounding of ~1e-16 relative; 1e-9 m is far above it
-        kth2 = best.gather(1, kcol[:, None].long()).squeeze(1)
-        return torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
+        kth2 = best.gather(1, kcol[:, None]).squeeze(1)
+        return best, pos, torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
 
-    def round_triton(q: Tensor, w: int, check: bool) -> Tensor | None:
-        best, cand, bad = kernel(xs, polar[0], polar[1], meta, q, w, kq)
-        idx_s[q] = cand
+    def round_triton(q: Tensor, w: int, check: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        best, pos, bad = kernel(xs, tab[4], tab[5], meta6, q, w, kq)
+        return best, pos, (torch.nonzero(bad).squeeze(1) if check else None)
+
+    dist_s: Tensor | None = None
+    idx_s: Tensor | None = None
+
+    def store(q: slice | Tensor, best: Tensor, pos: Tensor) -> None:
+        nonlocal dist_s, idx_s
+        if dist_s is None:
+            if best.shape[0] == m:  # the first round in one block: its outputs are the rows
+                dist_s, idx_s = best, pos
+                return
+            dist_s = torch.empty((m, kq), dtype=torch.float64, device=dev)  # every row is written in round 1
+            idx_s = torch.empty((m, kq), dtype=pos.dtype, device=dev)
         dist_s[q] = best
-        return torch.nonzero(bad).squeeze(1) if check else None
+        idx_s[q] = pos.to(idx_s.dtype)
 
-    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev)
     w = max(int(WINDOW if window is None else window), (kq + 1) // 2)  # 2w candidates must hold the k nearest
     todo: Tensor | None = None  # None: every query (first round, views instead of gathers)
     while True:
         n_todo = m if todo is None else todo.numel()
         if n_todo == 0:
             break
-        w = min(w, max_len)  # a window as wide as the largest RoI covers every RoI: the last round
-        last = w == max_len
+        if todo is not None:  # max_len is known after the first round
+            w = min(w, max_len)  # a window as wide as the largest RoI covers every RoI: the last round
+        last = todo is not None and w == max_len
         if stats is not None:
             stats["rounds"].append((w, n_todo))
         failed = []
         if kernel is not None:  # one kernel for all the round's queries; its memory is (Q, k) only
-            q = positions if todo is None else todo
+            q = positions.long() if todo is None else todo
             try:
-                miss = round_triton(q, w, not last)
+                best, pos, miss = round_triton(q, w, not last)
             except Exception as err:  # a Triton that cannot compile here: the torch rounds, said once
                 if backend == "triton":
                     raise
                 kernel = _disable_triton(err)
             else:
+                store(q, best, pos)
                 failed.append(q[miss] if miss is not None else q[:0])
         if kernel is None:
             step = max(1, budget // (2 * w + 2))
             for s in range(0, n_todo, step):
                 e = min(n_todo, s + step)
-                miss = round_torch(slice(s, e) if todo is None else todo[s:e], w, not last)
+                q = slice(s, e) if todo is None else todo[s:e]
+                best, pos, miss = round_torch(q, w, last)
+                store(q, best, pos)
                 if miss is not None:
-                    failed.append(miss + s if todo is None else todo[s:e][miss])
+                    failed.append((miss + s if s else miss) if todo is None else q[miss])
+        if todo is None:
+            # the first synchronisation; the first round did not need the size (a window at least as
+            # wide as a RoI covers it and never fails), so it runs queued behind it
+            max_len = int(max_len)
+            if stats is not None:
+                stats["rounds"][0] = (min(w, max_len), m)
         if last:
             break
-        todo = torch.cat(failed)
+        todo = failed[0] if len(failed) == 1 else torch.cat(failed)
         # widen; straight to whole RoIs once that is cheap (WHOLE_ROI_PAIRS; each round costs launches and a sync)
         w = max_len if todo.numel() * (2 * max_len + 2) <= whole else w * WINDOW_GROWTH
-    # back from sorted positions to input rows
-    idx = torch.empty((m, kq), dtype=torch.long, device=dev)  # int64 whatever the rounds used
-    dist = torch.empty_like(dist_s)
-    idx[order] = torch.where(dist_s < float("inf"), order[idx_s], -1)
-    dist[order] = dist_s.sqrt_()
-    return idx, dist
+    n_found = torch.minimum(k_s, others)  # a window that held fewer than k candidates covered its RoI
+    return SortedKnn(order, idx_s, dist_s.sqrt_(), n_found, None if carry is None else tab[6])

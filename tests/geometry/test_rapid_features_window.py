@@ -155,6 +155,74 @@ def test_window_knn_whole_roi_jump_threshold(whole_roi_pairs):
         assert len(rounds) == 2 and widths[1] == max(np.bincount(roi)), rounds
 
 
+def test_window_knn_negative_roi_and_sorted_order():
+    """A negative RoI id: no neighbours, nobody's neighbour, the other points as if it were absent; and
+    window_knn_sorted (the rows before the back-permutation, as RAPiD features use them) is the same search."""
+    from threefold.geometry.rapid.window_knn import window_knn_sorted
+
+    coord, roi = awkward_cloud(7)
+    roi[::9] = -1
+    roi[600:] = -3  # the tiny RoIs: several negative ids
+    k_pt = np.random.default_rng(8).choice([10, 7, 5], len(coord)).astype(np.int64)
+    rem = np.random.default_rng(9).uniform(0, 1, len(coord)).astype(np.float32)
+    args = [torch.from_numpy(a) for a in (coord, roi, k_pt)]
+    idx, dist = (t.numpy() for t in azimuth_window_knn(*args, window=2))
+    none = roi < 0
+    assert np.all(idx[none] == -1) and np.all(np.isinf(dist[none]))
+    assert not np.isin(idx[idx >= 0], np.flatnonzero(none)).any()
+    keep = np.flatnonzero(~none)
+    want = brute_knn(coord[keep], roi[keep], k_pt[keep])
+    mine = np.arange(idx.shape[1])[None, :] < k_pt[keep, None]
+    np.testing.assert_allclose(np.where(mine, dist[keep], np.inf), want, rtol=1e-12, atol=1e-12)
+    found = window_knn_sorted(*args, window=2, carry=torch.from_numpy(rem))
+    order = found.order.numpy()
+    assert np.array_equal(np.sort(order), np.arange(len(coord)))
+    np.testing.assert_array_equal(found.dist.numpy(), dist[order])
+    fin = np.isfinite(dist[order])
+    np.testing.assert_array_equal(order[found.idx.numpy()][fin], idx[order][fin])
+    assert found.carried.dtype == torch.float64 and np.array_equal(found.carried.numpy(), rem[order])
+    sizes = np.bincount(roi[keep])[roi]
+    np.testing.assert_array_equal(found.n_found.numpy(), np.where(none, 0, np.minimum(k_pt, sizes - 1))[order])
+
+
+def test_window_features_synchronise_once_per_round():
+    """On a GPU every synchronisation stalls the host's dispatch: the features' torch path synchronises
+    only for the failed sets' sizes and the largest RoI's size, no unique / compaction / host-to-device
+    copy (counted on the CPU as the operators that synchronise on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from threefold.geometry.rapid import window_knn
+
+    sync_ops = {"aten::nonzero", "aten::_local_scalar_dense", "aten::_unique2", "aten::unique_consecutive",
+                "aten::masked_select", "aten::repeat_interleave"}
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    coord, roi = awkward_cloud(8)
+    roi[:5] = -1
+    rem = np.random.default_rng(10).uniform(0, 1, len(coord)).astype(np.float32)
+    args = [torch.from_numpy(a) for a in (coord, rem, roi)]
+    rapid_features(*args, search="window")  # constants cached on the device
+    with Seen() as seen:
+        rapid_features(*args, search="window")
+    stats = {}
+    rng = np.linalg.norm(coord.astype(np.float64), axis=1)
+    k_pt = torch.from_numpy(np.where(rng < 20, 10, np.where(rng < 35, 7, 5)))
+    window_knn.azimuth_window_knn(args[0], args[2], k_pt, stats=stats)
+    syncs = [n for n in seen.names if n.split(".")[0] in sync_ops]
+    assert syncs.count("aten::_local_scalar_dense") == 1, syncs
+    assert syncs.count("aten::nonzero") == len(stats["rounds"]) - 1 and len(syncs) == len(stats["rounds"]), syncs
+    # no tensor made from Python values (on CUDA a host-to-device copy, which synchronises)
+    assert "aten::lift_fresh" not in seen.names
+
+
 def test_window_knn_default_backend_is_torch_rounds():
     """backend='auto' picks the torch rounds on CUDA unless USE_TRITON is set (they measured faster)."""
     from threefold.geometry.rapid import window_knn

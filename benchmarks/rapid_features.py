@@ -175,6 +175,23 @@ def _count_ops(fn: Callable[[], object]) -> int:
     return Count.n
 
 
+def _count_syncs(fn: Callable[[], object]) -> int:
+    """Host synchronisations of ``fn`` on CUDA, as torch's sync debug mode reports them (each a warning):
+    nonzero, .item(), host-to-device copies of Python values, ...; a synchronisation stalls the host's
+    dispatch until the GPU has drained its queue."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
 def sweep(on_dev: list[torch.Tensor], args: argparse.Namespace, x: torch.Tensor, k_pt: torch.Tensor) -> None:
     """One timed row per first window (``--sweep-first-window``) and per whole-RoI jump threshold
     (``--sweep-whole-roi-pairs``), torch rounds; "max |Δ|" against the defaults' rows (exact: 0)."""
@@ -314,8 +331,23 @@ def main() -> None:
         counts.append(f"{_count_ops(lambda: rapid_features(*on_dev, search='window'))} with "
                       f"{'Triton' if use_triton else 'torch'} rounds")
     window_knn.USE_TRITON = False
+    if args.device == "cpu":  # the CUDA block sizes applied to the CPU tensors: the GPU's op count, counted here
+        saved = window_knn.PAIR_BUDGET["cpu"], window_knn.WHOLE_ROI_PAIRS.get("cpu")
+        window_knn.PAIR_BUDGET["cpu"] = window_knn.PAIR_BUDGET["cuda"]
+        window_knn.WHOLE_ROI_PAIRS["cpu"] = window_knn.WHOLE_ROI_PAIRS["cuda"]
+        try:
+            counts.append(f"{_count_ops(lambda: rapid_features(*on_dev, search='window'))} at the CUDA block sizes")
+        finally:
+            window_knn.PAIR_BUDGET["cpu"] = saved[0]
+            if saved[1] is None:
+                window_knn.WHOLE_ROI_PAIRS.pop("cpu")
+            else:
+                window_knn.WHOLE_ROI_PAIRS["cpu"] = saved[1]
     print(f"torch ops dispatched per call (window search, {args.device}): {', '.join(counts)} (on a GPU each a "
           "kernel launch or host work; a Triton kernel launch is not counted)")
+    if args.device == "cuda":
+        print(f"host synchronisations per call (window search, torch rounds; CUDA sync debug mode): "
+              f"{_count_syncs(lambda: rapid_features(*on_dev, search='window'))}")
     print("window search rounds (candidates per side, queries): "
           + ", ".join(f"({w}, {q:,})" for w, q in stats["rounds"]) + f"; first window {WINDOW}")
     print()

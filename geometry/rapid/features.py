@@ -388,18 +388,22 @@ def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: t
         order, idx, dist, n_found, remf = window_knn_sorted(c, roi, k_pt, o, k_max=max(k), carry=rem)
     # rows in the search's order: row j's columns ascend, the first n_found[j] are its neighbours
     invalid = _device_constant(tuple(range(dist.shape[1])), torch.int32, dev) >= n_found[:, None]
-    if d_range is None:  # D_min, D_max over the frame's neighbour pairs; a width of 0 when there are none
-        # a row's nearest is column 0 (inf only where the point has no neighbour)
-        d_width = (dist.masked_fill(invalid, 0.0).amax() - dist[:, 0].amin()).clamp_(min=0.0)
+    if d_range is None:  # D_max - D_min over the frame's neighbour pairs; -inf when there are none
+        # (a row's nearest is column 0, inf only where the point has no neighbour)
+        d_width = dist.masked_fill(invalid, 0.0).amax() - dist[:, 0].amin()
     else:
         d_width = float(d_range[1]) - float(d_range[0])
     if r_range is None:
         r_lo, r_hi = torch.aminmax(remf)  # remf: the remission in the rows' order, float64
         span = r_hi - r_lo
-        s = (d_width / span).masked_fill_(span <= 0, 0.0)  # r_max = r_min: 3D distances only
     else:
         span = float(r_range[1]) - float(r_range[0])
-        s = d_width / span if span > 0 else d_width * 0.0
+    if isinstance(span, float) and (span <= 0 or isinstance(d_width, float)):
+        s = d_width / span if span > 0 else 0.0
+    else:
+        # s = 0 where it is not finite: r_max = r_min (x / 0; 3D distances only) or no neighbour pair in
+        # the frame (-inf / span); a finite quotient is kept as it is
+        s = torch.nan_to_num(d_width / span, nan=0.0, posinf=0.0, neginf=0.0)
     dr = remf[:, None] - remf[idx]  # idx holds a real position everywhere; invalid columns are masked below
     rho = torch.sqrt(dist.square() + (dr * s).square_()).masked_fill_(invalid, float("inf"))
     # sorted, the invalid columns are again the last ones; 0 there from now on (see the padding below)

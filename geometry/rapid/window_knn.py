@@ -91,13 +91,14 @@ class SortedKnn(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _offsets(w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Window offsets -w-1, -w..-1, 1..w, w+1 (the outer two are the first excluded points of a window that
-    does not cover its RoI, whose azimuths the exactness check needs). Made once per (w, device): three of
-    every round's launches otherwise. Read-only."""
+def _offsets(w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Window offsets -w-1, -w..-1, 1..w, w+1 (C = 2w + 2; the outer two are the first excluded points of a
+    window that does not cover its RoI, whose azimuths the exactness check needs), and their absolute
+    values as (2, w + 1): left half, right half. Made once per (w, device): a round's launches otherwise.
+    Read-only."""
     off = torch.arange(-(w + 1), w + 1, device=device, dtype=dtype)
     off += off >= 0
-    return off
+    return off, off.abs().view(2, w + 1)
 
 
 def azimuth_window_knn(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor | None = None,
@@ -178,16 +179,15 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
     key_s, by_key = torch.sort(key[by_phi], stable=True)
     order = by_phi[by_key]
     # per sorted point, packed so that a round gathers them at once: RoI start, RoI length L, position
-    # inside the RoI, -⌊(L-1)/2⌋ and L-1-⌊(L-1)/2⌋ (the most candidates a window can take left, negated,
-    # and right before it wraps onto itself), and the column of its own k-th neighbour. A RoI is the run of
-    # equal keys around the point: two binary searches in the sorted keys.
+    # inside the RoI, ⌊(L-1)/2⌋ and L-1-⌊(L-1)/2⌋ (the most candidates a window can take left and right
+    # before it wraps onto itself), and the column of its own k-th neighbour (the Triton kernel's layout).
+    # A RoI is the run of equal keys around the point: two binary searches in the sorted keys.
     first = torch.searchsorted(key_s, key_s, out_int32=small)
     length = torch.searchsorted(key_s, key_s, right=True, out_int32=small) - first
     others = length - 1
-    neg_left = torch.div(others, -2, rounding_mode="trunc")  # -⌊(L-1)/2⌋ (others >= 0)
-    right = others + neg_left
+    left = torch.div(others, 2, rounding_mode="floor")
     k_s = k_pt[order].to(positions.dtype)
-    meta = torch.stack([first, length, positions - first, neg_left, right, k_s - 1], 1)
+    meta = torch.stack([first, length, positions - first, left, others - left, k_s - 1], 1)
     # (6, M) float64 per sorted point: x, y, z (rows 0-2: a round's candidate gather is one index_select,
     # contiguous over the candidates), -φ and φ (the check gathers the left end's -φ and the right end's φ,
     # so both azimuth gaps are one subtraction from the query's (-φ, φ)) and ρ, the distance from the
@@ -202,9 +202,7 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
     kernel = _triton_round() if (backend == "triton" or (backend == "auto" and coord.is_cuda and USE_TRITON)) else None
     if backend == "triton" and kernel is None:
         raise ConfigError("azimuth_window_knn(backend='triton'): Triton is not installed")
-    if kernel is not None:  # the kernel's layout: int64, column 3 = ⌊(L-1)/2⌋
-        meta6 = meta.long()
-        meta6[:, 3].neg_()
+    meta64 = meta.long() if kernel is not None else None  # the kernel reads int64
 
     def round_torch(q: slice | Tensor, w: int, last: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Rows ``q`` with windows of ``w`` per side (one block): squared distances, sorted positions and
@@ -212,10 +210,12 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
         largest RoI's size, nothing to clamp and nothing to check)."""
         mq, tq = meta[q], tab[:, q]
         f, length_q, i, _, r, kcol = mq.unbind(1)
-        off = _offsets(w, dev, meta.dtype)  # -w-1, -w..-1, 1..w, w+1
-        # a window takes min(⌊(L-1)/2⌋, w) candidates on the left, min(L-1-⌊(L-1)/2⌋, w) on the right
-        lo_hi = mq[:, 3:5] if last else mq[:, 3:5].clamp(-w, w)
-        outside = (off < lo_hi[:, :1]) | (off > lo_hi[:, 1:])
+        off, off_abs = _offsets(w, dev, meta.dtype)  # -w-1, -w..-1, 1..w, w+1
+        # a window takes a = min(⌊(L-1)/2⌋, w) candidates on the left, b = min(L-1-⌊(L-1)/2⌋, w) on the
+        # right: a column is outside when |offset| exceeds its side's count, one comparison of the (2, w+1)
+        # halves of |offset| with (a, b)
+        a_b = mq[:, 3:5] if last else mq[:, 3:5].clamp(max=w)
+        outside = (off_abs > a_b[:, :, None]).view(-1, off.shape[0])
         cand = torch.remainder(i[:, None] + off, length_q[:, None]).add_(f[:, None])
         diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
         d2 = diff.sub_(tq[:3, :, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
@@ -234,7 +234,7 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
         return best, pos, torch.nonzero((kth2 >= (bound - 1e-9).clamp_(min=0.0).square_()) & (r > w)).squeeze(1)
 
     def round_triton(q: Tensor, w: int, check: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        best, pos, bad = kernel(xs, tab[4], tab[5], meta6, q, w, kq)
+        best, pos, bad = kernel(xs, tab[4], tab[5], meta64, q, w, kq)
         return best, pos, (torch.nonzero(bad).squeeze(1) if check else None)
 
     dist_s: Tensor | None = None

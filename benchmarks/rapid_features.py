@@ -136,8 +136,12 @@ _MIN: dict[int, float] = {}  # id of a result's median → its minimum, for the 
 
 def _time(fn: Callable[[], object], repeats: int, cuda: bool = False) -> tuple[float, float, object]:
     """Median wall time, median process CPU time (all threads) and the output; the minimum wall time
-    goes to ``_MIN`` keyed by the median's value."""
-    out = fn()
+    goes to ``_MIN`` keyed by the median's value. Warm-up: calls for at least 0.5 s (and 3 calls) before
+    timing, so a GPU's clocks and the allocator's cache have settled whatever ran before (a single warm-up
+    call left the first timed row up to 35 % slower than the same configuration timed later)."""
+    out, t_end, n = fn(), time.perf_counter() + 0.5, 1
+    while n < 3 or time.perf_counter() < t_end:
+        out, n = fn(), n + 1
     times, cpu = [], []
     for _ in range(repeats):
         if cuda:

@@ -249,6 +249,7 @@ def test_triton_rounds_equal_brute_force(kind, monkeypatch):
 
     device = _triton_device(kind)
     monkeypatch.setitem(window_knn.PAIR_BUDGET, device, 700)  # several rounds before whole-RoI windows
+    monkeypatch.setitem(window_knn.WHOLE_ROI_PAIRS, device, 1400)  # (CUDA's default jumps at once)
     cases = [(ring_scan(2000, 5, beams=8)[0], None), awkward_cloud(6)]
     for coord, roi in cases:
         roi = lidar_rings(coord, 8) if roi is None else roi

@@ -79,15 +79,19 @@ def canonical_smiles(numbers: np.ndarray, positions: np.ndarray) -> str | None:
 
     if len(numbers) == 0:
         return None
-    try:
-        mol = xyz_to_mol(np.asarray(numbers), np.asarray(positions, np.float64))
-        rdDetermineBonds.DetermineBondOrders(mol, charge=0)
-        frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
-        largest = max(frags, key=lambda m: m.GetNumAtoms())
-        Chem.SanitizeMol(largest)
-        return Chem.MolToSmiles(Chem.RemoveHs(largest))
-    except (ValueError, RuntimeError):
-        return None
+    from rdkit import rdBase
+
+    # invalid samples are expected and counted: RDKit's per-molecule log lines would flood the output
+    with rdBase.BlockLogs():
+        try:
+            mol = xyz_to_mol(np.asarray(numbers), np.asarray(positions, np.float64))
+            rdDetermineBonds.DetermineBondOrders(mol, charge=0)
+            frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
+            largest = max(frags, key=lambda m: m.GetNumAtoms())
+            Chem.SanitizeMol(largest)
+            return Chem.MolToSmiles(Chem.RemoveHs(largest))
+        except (ValueError, RuntimeError):
+            return None
 
 
 def molecule_metrics(

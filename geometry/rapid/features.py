@@ -412,9 +412,11 @@ def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: t
         rho = rho.div_(rho.amax().clamp_(min=_SMALLEST_DOUBLE))
     if delta is not None:
         rho = rho.clamp_(max=float(delta))
-    # pad each row with its last valid value, 0 when it has none: the valid columns ascend and the
-    # invalid ones hold 0, so a running maximum along the row is exactly that padding
-    rows = rho.cummax(1).values.float()
+    # pad each row with its last valid value, 0 when it has none (then every column holds 0). A gather of
+    # that column, not a running maximum: cummax over float64 rows is a scan kernel that took 1.3 ms per
+    # scan on an H100, a quarter of the whole feature time (docs/gpu-runs/2026-11-26-h100-rapid-features-profile.txt)
+    last = rho.gather(1, (n_found.long() - 1).clamp_(min=0)[:, None])
+    rows = torch.where(invalid, last, rho).float()
     if rows.shape[1] < k_max:
         rows = torch.cat([rows, rows[:, -1:].expand(-1, k_max - rows.shape[1])], 1)
     if order is None:

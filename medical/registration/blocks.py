@@ -23,6 +23,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class DepthwiseConv3d(nn.Conv3d):
+    """Depth-wise ``Conv3d`` (``groups = channels``) that runs in float32 under autocast.
+
+    Under bf16 / fp16 autocast, cuDNN computes the weight gradient of a grouped 3D convolution with one
+    kernel launch per channel: on an H100 (cuDNN 9, torch 2.11) a NestedMorph training step at 64³ made
+    ~10,000 such launches, 307 ms per step against 73 ms in float32, where the TF32 implicit-GEMM kernel
+    does the whole layer at once (docs/gpu-runs/2026-11-26-h100-nestedmorph-bf16-profile.txt). These layers
+    hold a small share of the FLOPs, so running them in float32 costs little and keeps mixed precision
+    worth using; the output is float32 and the next autocast op casts it as usual. Same parameters
+    (``weight``, ``bias``) as ``nn.Conv3d``: checkpoints load either way.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, padding: int = 0, dilation: int = 1) -> None:
+        super().__init__(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class ChannelLayerNorm(nn.Module):
     """``LayerNorm`` over the channel axis of ``(B, C, D, H, W)`` (the per-token LayerNorm of a
     transformer, written for channel-first volumes)."""
@@ -78,7 +100,7 @@ class MixFFN(nn.Module):
         super().__init__()
         hidden = dim * expansion
         self.fc1 = nn.Conv3d(dim, hidden, 1)
-        self.dwconv = nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = DepthwiseConv3d(hidden, 3, padding=1)
         self.norm = ChannelLayerNorm(hidden)
         self.fc2 = nn.Conv3d(hidden, dim, 1)
 
@@ -168,8 +190,8 @@ class LargeKernelAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.conv0 = nn.Conv3d(dim, dim, 5, padding=2, groups=dim)
-        self.conv_spatial = nn.Conv3d(dim, dim, 7, padding=9, groups=dim, dilation=3)
+        self.conv0 = DepthwiseConv3d(dim, 5, padding=2)
+        self.conv_spatial = DepthwiseConv3d(dim, 7, padding=9, dilation=3)
         self.conv1 = nn.Conv3d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,7 +212,7 @@ class LKABlock(nn.Module):
         self.proj2 = nn.Conv3d(dim, dim, 1)
         self.norm2 = ChannelLayerNorm(dim)
         self.fc1 = nn.Conv3d(dim, hidden, 1)
-        self.dwconv = nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = DepthwiseConv3d(hidden, 3, padding=1)
         self.fc2 = nn.Conv3d(hidden, dim, 1)
         self.gamma1 = nn.Parameter(torch.full((dim, 1, 1, 1), layer_scale))
         self.gamma2 = nn.Parameter(torch.full((dim, 1, 1, 1), layer_scale))
@@ -218,7 +240,7 @@ class NestedAttentionFusion(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.local = nn.Sequential(
-            nn.Conv3d(dim, dim, 3, padding=1, groups=dim),
+            DepthwiseConv3d(dim, 3, padding=1),
             nn.BatchNorm3d(dim),
             nn.ReLU(inplace=True),
             nn.Conv3d(dim, dim, 3, padding=2, dilation=2),

@@ -133,3 +133,28 @@ def test_cuda_forward_backward_and_cpu_agreement(monkeypatch):
     out = gpu_model(moving.to("cuda"), fixed.to("cuda"))
     out.ddf.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu_model.parameters())
+
+
+def test_depthwise_conv_runs_in_float32_under_autocast():
+    """The depth-wise convs leave autocast (cuDNN's per-channel bf16 weight-gradient kernels, see
+    DepthwiseConv3d): under bf16 autocast they give float32 outputs and gradients equal to a float32
+    grouped conv3d; outside autocast they are plain nn.Conv3d."""
+    from threefold.medical.registration.blocks import DepthwiseConv3d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(4, 7, padding=9, dilation=3)
+    assert isinstance(conv, torch.nn.Conv3d) and conv.groups == 4
+    x = torch.randn(1, 4, 12, 12, 12)
+    xb = x.bfloat16()
+    # reference: a float32 grouped conv of the same bf16-rounded input
+    want = torch.nn.functional.conv3d(xb.float(), conv.weight, conv.bias, padding=9, dilation=3, groups=4)
+    g_want = torch.autograd.grad(want.square().sum(), conv.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(xb)
+        plain = torch.nn.Conv3d(4, 4, 7, padding=9, dilation=3, groups=4)(x)
+    assert plain.dtype == torch.bfloat16  # autocast does act on a plain conv here, so the check below can fail
+    assert got.dtype == torch.float32
+    g_got = torch.autograd.grad(got.square().sum(), conv.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(conv(xb.float()), want)

@@ -22,9 +22,10 @@ log_4(largest RoI) + 1 rounds. The bound holds for any point set, so class RoIs
 Memory is bounded by :data:`PAIR_BUDGET` (query, candidate) pairs per block (about 50 bytes each:
 about 420 MiB at the CUDA budget).
 Distances are float64 by explicit differences, as the kd-tree computes them on the NumPy path.
-Among exactly equidistant candidates at the k-th place the choice is the selection's (a stable sort's
-for narrow windows, ``topk``'s for wide ones — :data:`SORT_MAX_COLUMNS`; the kd-tree's is its own); such
-ties only change a feature when the tied points differ in remission.
+Among exactly equidistant candidates at the k-th place the choice is ``topk``'s (the kd-tree's is its
+own); such ties only change a feature when the tied points differ in remission. (``topk`` rather than a
+row sort: on an H100 a stable sort of the first round's 124,668 x 34 float64 block is a radix sort of
+1.6 ms, ``topk`` 0.2 ms — docs/gpu-runs/2026-11-26-h100-rapid-features-profile.txt.)
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from torch import Tensor
 
 from threefold.datasets.errors import ConfigError
 
-__all__ = ["azimuth_window_knn", "window_knn_sorted", "SortedKnn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET", "WHOLE_ROI_PAIRS",
-           "SORT_MAX_COLUMNS"]
+__all__ = ["azimuth_window_knn", "window_knn_sorted", "SortedKnn", "WINDOW", "WINDOW_GROWTH", "PAIR_BUDGET", "WHOLE_ROI_PAIRS"]
 
 #: Candidates per side of the first window. 16 settles 93 % of the queries of the real 124,668-point
 #: 64-beam scan at k = 10 / 7 / 5 (benchmarks/rapid_features.py prints the rounds).
@@ -56,12 +56,6 @@ PAIR_BUDGET = {"cuda": 1 << 23, "cpu": 1 << 21}
 #: first); a 256-wide round first settles most of them for 0.5 M pairs. Devices not listed (CPU): two
 #: blocks of PAIR_BUDGET, the previous rule.
 WHOLE_ROI_PAIRS = {"cuda": 1 << 21}
-
-#: Rows of at most this many candidates pick their k nearest by a stable row sort, wider ones by ``topk``.
-#: On an H100 ``topk`` over float64 is a radix select, about 0.18 ms per call on the first round's
-#: 124,668 x 34 block of the real scan (docs/gpu-runs/2026-11-26-h100-rapid-features-profile.txt), while
-#: short rows sort in registers (bitonic); for whole-RoI rows (thousands of columns) ``topk`` stays faster.
-SORT_MAX_COLUMNS = 128
 
 #: backend="auto" on CUDA: the Triton kernel per round (geometry/rapid/window_triton.py) if set, else
 #: the torch rounds. Off: on an H100 (docs/gpu-runs/2026-11-26-h100-rapid-features-window.txt) the whole
@@ -228,11 +222,7 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
         diff = xs.index_select(1, cand.view(-1)).view(3, *cand.shape)
         d2 = diff.sub_(tq[:3, :, None]).square_().sum(0)  # in place: the (3, Q, C) block is the peak
         d2.masked_fill_(outside, float("inf"))
-        if d2.shape[1] <= SORT_MAX_COLUMNS:
-            best, at = torch.sort(d2, dim=1, stable=True)
-            best, at = best[:, :kq], at[:, :kq]
-        else:
-            best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
+        best, at = torch.topk(d2, kq, dim=1, largest=False, sorted=True)
         pos = cand.gather(1, at)
         if last:
             return best, pos, None

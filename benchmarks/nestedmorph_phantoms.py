@@ -177,6 +177,17 @@ def main() -> None:
     identity = evaluate(None, test_pairs, None)
     results["identity (affine-only)"] = [{k: float(np.mean([r[v] for r in identity])) for k, v in BEFORE.items()}]
     params, times = {}, {}
+
+    def save() -> None:
+        # after every trained network, not only at the end: a run stopped by a time limit keeps its rows
+        # (--table merges the parts; a network with no finished seed is left out)
+        if args.json:
+            done = {k: v for k, v in results.items() if v}
+            tmp = Path(args.json).with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"args": vars(args), "results": done, "params": params, "train_s": times,
+                                       "config": config_to_dict(RegistrationConfig())}, indent=2))
+            tmp.replace(args.json)
+
     for name in args.methods:
         method, diffeo = METHODS[name]
         results[name] = []
@@ -188,13 +199,10 @@ def main() -> None:
             rows = evaluate(net, test_pairs, device)
             results[name].append({k: float(np.mean([r[v] for r in rows])) for k, v in KEYS.items()})
             print(f"  {name} seed {seed}: trained in {dt:.0f} s; " + ", ".join(f"{k} {v:.4g}" for k, v in results[name][-1].items()), flush=True)
+            save()
 
     print_table(results, params, times)
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "params": params, "train_s": times,
-                       "config": config_to_dict(RegistrationConfig())}, f, indent=2)
 
 
 def print_table(results: dict[str, list[dict[str, float]]], params: dict[str, int], times: dict[str, list[float]]) -> None:

@@ -361,8 +361,8 @@ def _rapid_torch(coord: torch.Tensor, rem: torch.Tensor, roi: torch.Tensor, k: t
                  ranges: tuple[float, ...], delta: float | None, k_max: int, origin: Sequence[float] | None,
                  d_range: tuple[float, float] | None, r_range: tuple[float, float] | None,
                  normalize: bool, search: str = "window") -> torch.Tensor:
-    """The row operations on torch tensors. On a GPU a scan is bound by the host's dispatch (one launch per
-    operation, plus each synchronisation), so: no boolean indexing or compaction (points without a RoI go
+    """The row operations on torch tensors. On a GPU a scan is a few hundred small kernels (launches and
+    synchronisations cost as much as the arithmetic), so: no boolean indexing or compaction (points without a RoI go
     through the window search as RoIs of one point and come out as zero rows), frame-wide extremes as
     plain reductions, constants cached on the device, and the rows computed in the window search's sorted
     order and permuted back once."""

@@ -58,8 +58,9 @@ PAIR_BUDGET = {"cuda": 1 << 23, "cpu": 1 << 21}
 WHOLE_ROI_PAIRS = {"cuda": 1 << 21}
 
 #: backend="auto" on CUDA: the Triton kernel per round (geometry/rapid/window_triton.py) if set, else
-#: the torch rounds. Off: on an H100 (docs/gpu-runs/2026-11-26-h100-rapid-features-window.txt) the whole
-#: search took 5.2 ms with torch rounds and 9.5 ms with Triton rounds; backend="triton" still selects it.
+#: the torch rounds. Off: on an H100 the RAPiD features of the real scan took 3.7-5.3 ms with torch rounds
+#: and 10.3 ms with Triton rounds (docs/gpu-runs/2026-11-26-h100-rapid-features-final.txt);
+#: backend="triton" still selects it.
 USE_TRITON = False
 
 _TWO_PI = 2.0 * math.pi
@@ -150,8 +151,8 @@ def window_knn_sorted(coord: Tensor, roi: Tensor, k_pt: Tensor, origin: Tensor |
     ``carry`` (M,), optional: per-point values (RAPiD: the remission) returned in that order as float64,
     sorted with the coordinates in one gather.
 
-    Written for few kernel launches and host synchronisations (a scan's search is bound by the host's
-    dispatch on a GPU, not by its arithmetic): no ``torch.unique`` and no compaction of RoI-less points
+    Written for few kernel launches and host synchronisations (on a GPU a scan's search is a few hundred
+    small kernels, so launches and synchronisations cost as much as the arithmetic): no ``torch.unique`` and no compaction of RoI-less points
     (a negative id becomes a RoI of its own point), small constants made once per device, the first
     round on views of the sorted arrays, its rows used as they come out of ``topk``, rows written
     unconditionally (a failed query's row is overwritten by a later round), and the only

@@ -12,7 +12,10 @@ token type (tree, atom type, x, y, z; nats) beside a unigram baseline fitted on 
 tokens, then samples ``sample.num`` molecules (filtering off unless ``sample.keep_fraction < 1``,
 which is then reported; per-type temperatures ``sample.tree_temperature`` / ``atom_temperature`` /
 ``xyz_temperature``, the shipped config has the reference's QM9 values 0.9 / 0.3 / 0.3) and scores validity, uniqueness, novelty and EDM stability, plus molecules
-generated per second.
+generated per second. With ``optim.ema_decay > 0`` (the shipped configs: 0.999, as the reference)
+validation, held-out CE, sampling and the exported weights use an EMA of the weights
+(:mod:`threefold.pipelines.ema`); ``metrics.json`` then also holds the held-out CE of the last
+training weights (``heldout_cross_entropy_training_weights``).
 
 Data: without ``--data`` the embedded sample (419 QM9-like NCI molecules, RDKit ETKDG conformers,
 see :mod:`threefold.datasets.molecule_samples`) is used and written to ``run_dir/data`` as XYZ;
@@ -39,6 +42,7 @@ import torch
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingExtraError, MissingFileError, require
 from threefold.datasets.splits import seed_everything
 from threefold.pipelines.config import RunConfig, config_to_dict
+from threefold.pipelines.ema import EMACallback, ema_callback, ema_state_dict
 from threefold.pipelines.engine import RunContext, load_checkpoint
 from threefold.pipelines.registry import Pipeline, register_pipeline
 from threefold.science.octree import PRESETS, OctreeSpec, OctreeTokenizer, detokenize, random_rigid_motion
@@ -67,6 +71,9 @@ class OptimSection:
     warmup_steps: int = 100
     beta2: float = 0.999  # the reference: Adam betas (0.9, 0.99), eps 1e-6
     eps: float = 1.0e-8
+    # EMA of the weights for validation, held-out CE, sampling and model.safetensors (pipelines/ema.py;
+    # warm-up min(decay, (1 + n) / (10 + n))); 0 = off. The reference validates with 0.999.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -492,6 +499,23 @@ def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer, num_trees: i
     return Uni3DARModule({"config": config_to_dict(cfg), "model": model.to_dict(), "optim": asdict(cfg.optim)})
 
 
+def fit_with_ema(ctx: RunContext, module: L.LightningModule, data: L.LightningDataModule, ema_decay: float):
+    """``ctx.fit`` with an :class:`~threefold.pipelines.ema.EMACallback` when ``ema_decay > 0``
+    (validation then uses the EMA weights); returns the trainer and the callback (``None`` when off)."""
+    import dataclasses
+
+    ema = ema_callback(ema_decay)
+    fit_ctx = ctx if ema is None else dataclasses.replace(ctx, extra_callbacks=[*ctx.extra_callbacks, ema])
+    return fit_ctx.fit(module, data), ema
+
+
+def ema_metrics(ema: EMACallback | None) -> dict[str, Any]:
+    """``metrics.json`` fields saying which weights were evaluated."""
+    if ema is None:
+        return {"ema_decay": 0.0, "evaluated_weights": "training"}
+    return {"ema_decay": ema.decay, "ema_updates": ema.num_updates, "evaluated_weights": "ema"}
+
+
 def _prepared(cfg: Uni3DARRunConfig, data: Path | None):
     """Molecules, source name and collate class from the ``threefold prepare qm9`` cache ``cfg.token_cache``."""
     from functools import partial
@@ -530,19 +554,24 @@ class _Uni3DARPipelineBase(Pipeline):
         )  # fmt: skip
         module = build_module(cfg, tokenizer)
         t0 = time.perf_counter()
-        trainer = ctx.fit(module, data)
+        trainer, ema = fit_with_ema(ctx, module, data, cfg.optim.ema_decay)
         train_seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "pipeline": self.name, "data": source, "train_molecules": len(train_idx),
             "heldout_molecules": len(heldout_idx), "seed": cfg.seed, "global_step": int(trainer.global_step),
             "train_seconds": train_seconds,
             "seconds_per_step": getattr(module, "steady_seconds_per_step", train_seconds / max(1, trainer.global_step)),
+            **ema_metrics(ema),
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics
         device = _device()
         model = module.model.to(device)
         unigram = unigram_log_probs(data.train_dataloader(), len(tokenizer.vocab), tokenizer.spec.bins)
+        if ema is not None:  # held-out CE, sampling and model.safetensors from the EMA weights
+            metrics["heldout_cross_entropy_training_weights"] = heldout_cross_entropy(model, data.val_dataloader(),
+                                                                                      unigram, device)  # fmt: skip
+            ema.swap_in(module)
         metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
         train_mols = [mols[i] for i in train_idx]
         elements = np.unique(np.concatenate([np.asarray(m["numbers"]) for m in train_mols]))
@@ -550,6 +579,8 @@ class _Uni3DARPipelineBase(Pipeline):
             model, tokenizer, train_mols, cfg.sample, elements, cfg.seed, device, ctx.run_dir / "samples.xyz"
         )
         ctx.export_weights(module.model)
+        if ema is not None:
+            ema.swap_back(module)
         return metrics
 
     def evaluate(self, cfg: Uni3DARRunConfig, ctx: RunContext, checkpoint: Path) -> dict[str, Any]:
@@ -558,7 +589,7 @@ class _Uni3DARPipelineBase(Pipeline):
         mols, _ = load_molecules(ctx.data, ctx.run_dir, cfg.limit_molecules)
         elements = np.unique(np.concatenate([np.asarray(m["numbers"]) for m in mols]))
         device = _device()
-        return {"pipeline": self.name, "checkpoint": str(checkpoint),
+        return {"pipeline": self.name, "checkpoint": str(checkpoint), "weights": module.weights_source,
                 "sampling": sample_and_score(module.model.to(device), tokenizer, mols, cfg.sample, elements,
                                              cfg.seed, device)}  # fmt: skip
 
@@ -631,13 +662,17 @@ def token_length_figure(out: Path, compressions: list[dict[str, Any]], octree: s
 
 
 def _module_from_checkpoint(checkpoint: Path) -> Uni3DARModule:
+    """The module of a run's checkpoint, with the EMA weights when the run kept an EMA
+    (``weights_source``: ``"ema"`` or ``"training"``)."""
     ckpt = load_checkpoint(checkpoint)
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "config" not in hp:
         raise ConfigError(f"checkpoint {checkpoint} was not written by a uni3dar pipeline (no hyper_parameters)")
     hp = {**hp, "model": {"mlp_heads": False, **hp["model"]}}  # written before the MLP heads: linear ones
     module = Uni3DARModule(hp)
-    module.load_state_dict(ckpt["state_dict"])
+    ema = ema_state_dict(ckpt)
+    module.load_state_dict(ckpt["state_dict"] if ema is None else ema)
+    module.weights_source = "training" if ema is None else "ema"
     return module.eval()
 
 

@@ -13,6 +13,7 @@ volume > 0.1 Å³), composition validity (charge neutrality with common oxidatio
 Pauling test, see :mod:`threefold.science.crystal_metrics`), their conjunction, the fraction with a
 well-formed lattice tree (each corner once, non-singular cell), and crystals per second. Match rate
 against held-out structures needs pymatgen's ``StructureMatcher`` and is not computed.
+With ``optim.ema_decay > 0`` these use an EMA of the weights, as in :mod:`threefold.pipelines.uni3dar`.
 
 Data: ``--data`` an MP-20 CSV (``cif`` column); without it an embedded sample built with ASE: the
 reference-state crystals that ``ase.build.bulk`` builds without extra input (fcc, bcc, hcp,
@@ -40,6 +41,8 @@ from threefold.pipelines.uni3dar import (
     Uni3DARRunConfig,
     _device,
     build_module,
+    ema_metrics,
+    fit_with_ema,
     heldout_cross_entropy,
     unigram_log_probs,
 )
@@ -148,21 +151,27 @@ class MP20Uni3DAR(Pipeline):
                                  cfg.seed, cfg.trainer.num_workers, collate_cls=CrystalCollate)  # fmt: skip
         module = build_module(cfg, tokenizer, num_trees=2)
         t0 = time.perf_counter()
-        trainer = ctx.fit(module, data)
+        trainer, ema = fit_with_ema(ctx, module, data, cfg.optim.ema_decay)
         metrics: dict[str, Any] = {
             "pipeline": self.name, "data": source, "train_crystals": len(train_idx),
             "heldout_crystals": len(heldout_idx), "seed": cfg.seed, "global_step": int(trainer.global_step),
-            "train_seconds": time.perf_counter() - t0,
+            "train_seconds": time.perf_counter() - t0, **ema_metrics(ema),
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics
         device = _device()
         model = module.model.to(device)
         unigram = unigram_log_probs(data.train_dataloader(), len(tokenizer.vocab), tokenizer.spec.bins)
+        if ema is not None:  # held-out CE, sampling and model.safetensors from the EMA weights
+            metrics["heldout_cross_entropy_training_weights"] = heldout_cross_entropy(model, data.val_dataloader(),
+                                                                                      unigram, device)  # fmt: skip
+            ema.swap_in(module)
         metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
         elements = np.unique(np.concatenate([np.asarray(crystals[i]["numbers"]) for i in train_idx]))
         metrics["sampling"] = self._sample(model, tokenizer, cfg, elements, device, ctx.run_dir / "samples.json")
         ctx.export_weights(module.model)
+        if ema is not None:
+            ema.swap_back(module)
         return metrics
 
     def figures(self, cfg: Uni3DARRunConfig, run_dir: Path, metrics: dict[str, Any]) -> list[Path]:

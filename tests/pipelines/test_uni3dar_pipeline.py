@@ -81,6 +81,7 @@ def test_qm9_uni3dar_runs_end_to_end(tmp_path):
     assert s["num_sampled"] == 6 and s["filtering"] == "best 50% by atom perplexity" and "filtered" in s
     assert s["temperatures"] == {"tree": 0.9, "atom": 0.3, "xyz": 0.3}  # the reference's QM9 sampling
     assert metrics["seconds_per_step"] > 0
+    assert metrics["ema_decay"] == 0.999 and metrics["evaluated_weights"] == "ema"  # the shipped config's EMA
     assert 0.0 <= s["validity"] <= 1.0 and s["molecules_per_second"] > 0
     from threefold.pipelines.uni3dar import read_xyz_frames, score_xyz_samples
 

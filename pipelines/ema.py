@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 
-try:  # a plain torch user can still use the averaging without Lightning
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover
-    Callback = object  # type: ignore[misc,assignment]
+from lightning.pytorch.callbacks import Callback
+
+from threefold.datasets.errors import ConfigError
 
 
 def ema_decay_at(decay: float, n: int) -> float:
@@ -59,7 +58,7 @@ class EMACallback(Callback):
 
     def __init__(self, decay: float = 0.999) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay {decay}: expected 0 < decay < 1 (0 = off: no callback)")
+            raise ConfigError(f"EMA decay {decay}: expected 0 < decay < 1 (0 = off: no callback)")
         self.decay = float(decay)
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {}

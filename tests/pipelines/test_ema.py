@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from threefold.datasets.errors import ConfigError
 from threefold.pipelines.ema import EMACallback, ema_callback, ema_decay_at, ema_state_dict
 
 
@@ -106,7 +107,7 @@ def test_checkpoint_round_trip_continues_the_same_average(tmp_path):
 def test_decay_zero_is_no_callback():
     assert ema_callback(0.0) is None and ema_callback(0) is None
     assert isinstance(ema_callback(0.999), EMACallback)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="EMA decay"):
         EMACallback(1.0)
     assert ema_state_dict({"state_dict": {}}) is None
 

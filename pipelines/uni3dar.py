@@ -516,6 +516,22 @@ def ema_metrics(ema: EMACallback | None) -> dict[str, Any]:
     return {"ema_decay": ema.decay, "ema_updates": ema.num_updates, "evaluated_weights": "ema"}
 
 
+def final_heldout(module: L.LightningModule, ema: EMACallback | None, data: L.LightningDataModule,
+                  vocab_size: int, bins: int) -> tuple[torch.nn.Module, torch.device, dict[str, Any]]:
+    """After training (rank 0): the model on the evaluation device with the EMA weights swapped in when
+    there are any (sampling and the exported weights then use them too), and ``metrics.json``'s held-out
+    cross-entropies — of the EMA weights and, for comparison, of the last training weights."""
+    device = _device()
+    model = module.model.to(device)
+    unigram = unigram_log_probs(data.train_dataloader(), vocab_size, bins)
+    out: dict[str, Any] = {}
+    if ema is not None:
+        out["heldout_cross_entropy_training_weights"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
+        ema.swap_in(module)
+    out["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
+    return model, device, out
+
+
 def _prepared(cfg: Uni3DARRunConfig, data: Path | None):
     """Molecules, source name and collate class from the ``threefold prepare qm9`` cache ``cfg.token_cache``."""
     from functools import partial
@@ -565,14 +581,8 @@ class _Uni3DARPipelineBase(Pipeline):
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics
-        device = _device()
-        model = module.model.to(device)
-        unigram = unigram_log_probs(data.train_dataloader(), len(tokenizer.vocab), tokenizer.spec.bins)
-        if ema is not None:  # held-out CE, sampling and model.safetensors from the EMA weights
-            metrics["heldout_cross_entropy_training_weights"] = heldout_cross_entropy(model, data.val_dataloader(),
-                                                                                      unigram, device)  # fmt: skip
-            ema.swap_in(module)
-        metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
+        model, device, heldout = final_heldout(module, ema, data, len(tokenizer.vocab), tokenizer.spec.bins)
+        metrics.update(heldout)
         train_mols = [mols[i] for i in train_idx]
         elements = np.unique(np.concatenate([np.asarray(m["numbers"]) for m in train_mols]))
         metrics["sampling"] = sample_and_score(

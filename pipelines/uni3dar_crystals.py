@@ -39,12 +39,10 @@ from threefold.pipelines.uni3dar import (
     AugmentSection,
     MoleculeTokenData,
     Uni3DARRunConfig,
-    _device,
     build_module,
     ema_metrics,
+    final_heldout,
     fit_with_ema,
-    heldout_cross_entropy,
-    unigram_log_probs,
 )
 from threefold.science.crystal_metrics import composition_valid, structure_valid
 from threefold.science.octree import OctreeTokenizer, random_rotations
@@ -159,14 +157,8 @@ class MP20Uni3DAR(Pipeline):
         }  # fmt: skip
         if not trainer.is_global_zero:
             return metrics
-        device = _device()
-        model = module.model.to(device)
-        unigram = unigram_log_probs(data.train_dataloader(), len(tokenizer.vocab), tokenizer.spec.bins)
-        if ema is not None:  # held-out CE, sampling and model.safetensors from the EMA weights
-            metrics["heldout_cross_entropy_training_weights"] = heldout_cross_entropy(model, data.val_dataloader(),
-                                                                                      unigram, device)  # fmt: skip
-            ema.swap_in(module)
-        metrics["heldout_cross_entropy"] = heldout_cross_entropy(model, data.val_dataloader(), unigram, device)
+        model, device, heldout = final_heldout(module, ema, data, len(tokenizer.vocab), tokenizer.spec.bins)
+        metrics.update(heldout)
         elements = np.unique(np.concatenate([np.asarray(crystals[i]["numbers"]) for i in train_idx]))
         metrics["sampling"] = self._sample(model, tokenizer, cfg, elements, device, ctx.run_dir / "samples.json")
         ctx.export_weights(module.model)

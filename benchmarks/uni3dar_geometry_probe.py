@@ -9,10 +9,11 @@ molecules every step (no reuse, so the held-out CE measures what was learnt, not
 Placement: ``--placement shift`` (default) keeps the box fixed and translates the molecule by a
 continuous uniform offset of up to half a cell per axis, so the sub-cell and sub-voxel position is
 uniform and the second atom is only determined by the first through the bond geometry.
-``--placement bbox`` is the tokenizer's own bounding-box centring, as the training pipeline uses it
-(the pipeline's Gaussian translation jitter is undone by that centring): a diatomic's two atoms then
-sit point-symmetric about the box centre, q2 = 1536 - q1, a control where atom 2's offsets are a
-per-axis function of atom 1's.
+``--placement bbox`` is the tokenizer's default placement with no translation at all (each molecule's
+bounding-box centre at the origin): a diatomic's two atoms then sit point-symmetric, q2 = -q1, a
+control where atom 2's offsets are a per-axis function of atom 1's. (Until 2026-11-26 the tokenizer
+centred every structure on its quantised bounding box, which cancelled the training pipeline's
+translation jitter and put the pipeline in this situation — q2 = 1536 - q1 then; see docs/uni3dar.md.)
 
 Also printed: the RMSE (0.01 Å) of a ridge-regression probe, fitted on half the held-out set, of the
 vector from the last atom's [MASK] position to the previous atom token's exact position, read from

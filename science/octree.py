@@ -24,7 +24,9 @@ Differences from the reference code (dptech-corp/Uni-3DAR, ``grid_utils.py`` /
 - the reference keeps one random atom when two atoms share a finest cell; here the collision is an
   error naming both atoms (silently dropping atoms breaks the inverse);
 - the reference centres on the mean atom and then clamps; here the box is centred on the
-  bounding-box centre, so every structure whose extent fits the box is placed without cropping;
+  bounding-box centre (rounded down onto the input frame's cell lattice, so in-cell offsets are
+  positions modulo the cell, as the reference's), so every structure whose extent fits the box with
+  one cell to spare is placed without cropping (larger ones are clamped inside, off the lattice);
 - the reference's Gaussian "jitter" (sigma = half a cell) is one random translation per structure,
   not per-atom noise; :func:`random_rigid_motion` does the same and returns the motion so that it
   can be undone.
@@ -275,7 +277,12 @@ def tokenize_batch(
 
     if center is None:
         qmin, qmax = np.minimum.reduceat(q, starts), np.maximum.reduceat(q, starts)
-        lo = (qmin + qmax) // 2 - size // 2
+        # the bounding-box centre, rounded down onto the cell lattice of the input frame (as the
+        # reference's floor(p / cell)): a finest cell is then the input's own cell, and an atom's in-cell
+        # offset its position modulo the cell, so a translation of the input (the training jitter) moves
+        # the offsets. Centring alone would make the offsets a function of the structure's extent — any
+        # translation cancelled, and on each axis the two extreme atoms' offsets tied to each other.
+        lo = ((qmin + qmax) // 2 - size // 2) // spec.bins * spec.bins
     if shift is not None:
         lo = lo - np.asarray(shift, dtype=np.int64).reshape(B, 3) * spec.bins
     if center is None:

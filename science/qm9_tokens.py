@@ -73,7 +73,8 @@ def qm9_token_cache(cache_root: str | os.PathLike, octree: str = "qm9") -> Featu
     tok = OctreeTokenizer(octree)
     vocab = hashlib.sha256("\n".join(tok.vocab.tokens).encode()).hexdigest()[:16]
     spec = {"cell": tok.spec.cell, "resolution": tok.spec.resolution, "depth": tok.spec.depth}
-    return FeatureCache(cache_root, NAMESPACE, {"octree": octree, "spec": spec, "vocab": vocab})
+    # "placement": the box origin on the cell lattice (2026-11-26); caches of the earlier bounding-box placement miss
+    return FeatureCache(cache_root, NAMESPACE, {"octree": octree, "spec": spec, "vocab": vocab, "placement": "cell-lattice"})
 
 
 def tokenize_shard(shard: QM9Shard, octree: str = "qm9") -> dict[str, np.ndarray]:

@@ -333,3 +333,27 @@ def test_json_round_trip_and_malformed_tree(tmp_path):
         decode_tree(np.concatenate([tokens.tree, [1]]), np.array([0, len(tokens.tree) + 1]), 6)
     with pytest.raises(DataFormatError, match="end before"):
         decode_tree(tokens.tree[:-1], np.array([0, len(tokens.tree) - 1]), 6)
+
+
+def test_in_cell_offsets_follow_a_translation_of_the_input():
+    """The box origin lies on the input frame's cell lattice, so an atom's in-cell offset is its own
+    position modulo the cell: translating the input by 0.05 Å moves every x offset by 5 bins (mod 24).
+    With the box merely centred on the (quantised) bounding box, a translation would be cancelled and
+    the offsets would not move (the reference's training jitter would do nothing)."""
+    tok = OctreeTokenizer("qm9")
+    rng = np.random.default_rng(3)
+    pos = rng.uniform(-3.0, 3.0, (12, 3))
+    pos = pos[np.argsort(pos[:, 0])]
+    pos[:, 0] += np.arange(12) * 0.3  # atoms at least 0.3 Å apart along x: no shared finest cell
+    numbers = np.full(12, 6)
+    bins, res = tok.spec.bins, tok.spec.resolution
+    for t in (0.05, 0.13, 0.24, -0.07):
+        a = tok.tokenize(numbers, pos)
+        b = tok.tokenize(numbers, pos + np.array([t, 0.0, 0.0]))
+        xa = a.atom_xyz[np.argsort(a.atom_index)]
+        xb = b.atom_xyz[np.argsort(b.atom_index)]
+        q = np.rint(pos[:, 0] / res).astype(np.int64)
+        qt = np.rint((pos[:, 0] + t) / res).astype(np.int64)
+        np.testing.assert_array_equal(xa[:, 0], q % bins)  # offsets = position modulo the cell
+        np.testing.assert_array_equal(xb[:, 0], qt % bins)
+        np.testing.assert_array_equal(xa[:, 1:], xb[:, 1:])

@@ -153,6 +153,18 @@ def _hist_in_cell(q: np.ndarray, cell: np.ndarray) -> np.ndarray:
     return np.bincount((o[:, 0] * BINS + o[:, 1]) * BINS + o[:, 2], minlength=BINS**3).reshape(BINS, BINS, BINS)
 
 
+def _cap_directions(e: np.ndarray, cos_min: float, n: int, rng) -> np.ndarray:
+    """``n`` unit vectors uniform over the cap of directions within arccos(cos_min) of the unit vector e."""
+    cos_t = rng.uniform(cos_min, 1, n)
+    phi = rng.uniform(0, 2 * math.pi, n)
+    a = np.array([1.0, 0, 0]) if abs(e[0]) < 0.9 else np.array([0, 1.0, 0])
+    n1 = np.cross(e, a)
+    n1 /= np.linalg.norm(n1)
+    n2 = np.cross(e, n1)
+    sin_t = np.sqrt(1 - cos_t**2)
+    return cos_t[:, None] * e + sin_t[:, None] * (np.cos(phi)[:, None] * n1 + np.sin(phi)[:, None] * n2)
+
+
 def sphere_ce(q1: np.ndarray, cell2: np.ndarray, q2: np.ndarray, radius: float, rng, samples: int) -> np.ndarray:
     """Bayes CE (3,) of atom 2's x, y|x, z|x,y given q1 exact and atom 2 on a sphere (radius in 0.01 Å units)."""
     p1 = q1 + rng.uniform(-0.5, 0.5, (samples, 3))
@@ -161,15 +173,7 @@ def sphere_ce(q1: np.ndarray, cell2: np.ndarray, q2: np.ndarray, radius: float, 
     D = np.linalg.norm(d)
     rc = BINS * math.sqrt(3) / 2 + 1.0
     cos_min = np.clip((radius**2 + D**2 - rc**2) / (2 * radius * D), -1, 1)
-    cos_t = rng.uniform(cos_min, 1, samples)
-    phi = rng.uniform(0, 2 * math.pi, samples)
-    e = d / D
-    a = np.array([1.0, 0, 0]) if abs(e[0]) < 0.9 else np.array([0, 1.0, 0])
-    n1 = np.cross(e, a)
-    n1 /= np.linalg.norm(n1)
-    n2 = np.cross(e, n1)
-    sin_t = np.sqrt(1 - cos_t**2)
-    u = cos_t[:, None] * e + sin_t[:, None] * (np.cos(phi)[:, None] * n1 + np.sin(phi)[:, None] * n2)
+    u = _cap_directions(d / D, cos_min, samples, rng)
     return _chain_ce(_hist_in_cell(np.rint(p1 + radius * u).astype(np.int64), cell2), q2 - cell2 * BINS)
 
 
@@ -198,14 +202,7 @@ def atom1_ce(cell1, cell2, q1, radius: float, rng, dirs: int) -> np.ndarray:
     D = np.linalg.norm(d)
     e = d / D
     rc = BINS * math.sqrt(3) + 2.0
-    cos_t = rng.uniform(np.clip((radius**2 + D**2 - rc**2) / (2 * radius * D), -1, 1), 1, dirs)
-    phi = rng.uniform(0, 2 * math.pi, dirs)
-    a = np.array([1.0, 0, 0]) if abs(e[0]) < 0.9 else np.array([0, 1.0, 0])
-    n1 = np.cross(e, a)
-    n1 /= np.linalg.norm(n1)
-    n2 = np.cross(e, n1)
-    s = np.sqrt(1 - cos_t**2)
-    u = cos_t[:, None] * e + s[:, None] * (np.cos(phi)[:, None] * n1 + np.sin(phi)[:, None] * n2)
+    u = _cap_directions(e, np.clip((radius**2 + D**2 - rc**2) / (2 * radius * D), -1, 1), dirs, rng)
     hits = np.zeros(len(base))
     for k in range(0, dirs, 250):
         p2 = base[:, None, :] + rng.uniform(-0.5, 0.5, (len(base), 1, 3)) + radius * u[None, k : k + 250]

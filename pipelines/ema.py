@@ -78,7 +78,8 @@ class EMACallback(Callback):
         if self.shadow:
             missing = sorted(set(tracked) ^ set(self.shadow))
             if missing:
-                raise KeyError(f"EMA state does not match the model: {missing[:5]} ...")
+                raise ConfigError(f"the checkpoint's EMA state does not match the model (parameters only on one "
+                                  f"side: {missing[:5]}); resume with the model config the run was trained with")
             self.shadow = {k: v.to(tracked[k].device) for k, v in self.shadow.items()}
             self._plan = None
             return

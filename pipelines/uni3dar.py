@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -502,10 +502,8 @@ def build_module(cfg: Uni3DARRunConfig, tokenizer: OctreeTokenizer, num_trees: i
 def fit_with_ema(ctx: RunContext, module: L.LightningModule, data: L.LightningDataModule, ema_decay: float):
     """``ctx.fit`` with an :class:`~threefold.pipelines.ema.EMACallback` when ``ema_decay > 0``
     (validation then uses the EMA weights); returns the trainer and the callback (``None`` when off)."""
-    import dataclasses
-
     ema = ema_callback(ema_decay)
-    fit_ctx = ctx if ema is None else dataclasses.replace(ctx, extra_callbacks=[*ctx.extra_callbacks, ema])
+    fit_ctx = ctx if ema is None else replace(ctx, extra_callbacks=[*ctx.extra_callbacks, ema])
     return fit_ctx.fit(module, data), ema
 
 

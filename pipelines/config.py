@@ -52,9 +52,10 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0  # 0: checkpoint at the end of each epoch only
     deterministic: bool = True
     enable_progress_bar: bool = True
-    # Synchronise BatchNorm statistics across processes (torch.nn.SyncBatchNorm through Lightning).
-    # None (default): on when the run has several processes on GPUs and the model has batch norm;
-    # true on CPU (gloo) with several processes is refused (SyncBatchNorm needs GPU tensors).
+    # Synchronise BatchNorm statistics across processes. None (default): on when the run has several
+    # processes on GPUs and the model has batch norm (torch.nn.SyncBatchNorm through Lightning);
+    # true also synchronises several CPU (gloo) processes, through pipelines/sync_batchnorm.py's
+    # AllReduceSyncBatchNorm (PyTorch's SyncBatchNorm needs GPU tensors).
     # See RunContext.trainer and docs/scaling.md.
     sync_batchnorm: Union[bool, None] = None
 

@@ -11,7 +11,9 @@ accumulation, progress bars, CSV logging, DDP); this module only fixes how three
   trainer carries :class:`~threefold.pipelines.loaders.ResumeStateCallback`, so the RNG states and
   the mid-epoch position of a :class:`~threefold.pipelines.loaders.ResumableDataLoader` come back too;
 - ``trainer.sync_batchnorm`` (default ``None``: automatic) converts the model's BatchNorm layers to
-  ``torch.nn.SyncBatchNorm`` when a fit runs several processes on GPUs (:func:`resolve_sync_batchnorm`).
+  ``torch.nn.SyncBatchNorm`` when a fit runs several processes on GPUs (:func:`resolve_sync_batchnorm`);
+  ``true`` with several CPU processes converts them to
+  :class:`~threefold.pipelines.sync_batchnorm.AllReduceSyncBatchNorm` instead.
 """
 
 from __future__ import annotations
@@ -84,27 +86,34 @@ def has_batchnorm(module: torch.nn.Module) -> bool:
 
 
 def resolve_sync_batchnorm(setting: bool | None, has_bn: bool, world_size: int, on_gpu: bool) -> bool:
-    """Whether a fit converts BatchNorm to ``torch.nn.SyncBatchNorm`` (``trainer.sync_batchnorm``).
+    """Whether a fit synchronises its BatchNorm statistics (``trainer.sync_batchnorm``).
 
     Under DDP each process normalises with the statistics of its own share of the batch; with the
     small per-GPU batches of volumetric and sparse 3D networks (1-2 volumes or scans) those
     statistics are noisy and differ from the single-GPU run at the same global batch, so the
-    statistics are synchronised by default. ``setting``: ``None`` (auto: on exactly when there are
-    several processes, batch norm in the model and GPUs), ``True`` or ``False``. Nothing to
-    synchronise with one process or without batch norm: ``False``. ``True`` with several CPU
-    processes raises :class:`ConfigError`: PyTorch's ``SyncBatchNorm`` runs on GPU tensors only.
+    statistics are synchronised by default on GPUs. ``setting``: ``None`` (auto: on exactly when
+    there are several processes, batch norm in the model and GPUs), ``True`` or ``False``. Nothing
+    to synchronise with one process or without batch norm: ``False``. How: on GPUs PyTorch's
+    ``torch.nn.SyncBatchNorm`` (CUDA tensors only); on CPU processes (gloo), which only ``True``
+    turns on, :class:`~threefold.pipelines.sync_batchnorm.AllReduceSyncBatchNorm`.
     """
     if world_size <= 1 or not has_bn:
         return False
     if setting is None:
         return on_gpu
-    if setting and not on_gpu:
-        raise ConfigError(
-            f"trainer.sync_batchnorm=true with {world_size} processes on CPU: torch.nn.SyncBatchNorm needs GPU "
-            "tensors; set trainer.sync_batchnorm=false (each process then normalises with its own batch statistics) "
-            "or run on GPUs"
-        )
     return bool(setting)
+
+
+def _sync_batchnorm_kwargs(on_gpu: bool, plugins: list[Any]) -> dict[str, Any]:
+    """Trainer arguments that synchronise BatchNorm: Lightning's ``sync_batchnorm=True``
+    (``torch.nn.SyncBatchNorm``) on GPUs; on CPU a ``LayerSync`` plugin converting to
+    ``AllReduceSyncBatchNorm`` (Lightning refuses a custom LayerSync together with ``sync_batchnorm=True``;
+    the strategy applies the plugin before wrapping the model in DDP and reverts it at teardown)."""
+    if on_gpu:
+        return {"sync_batchnorm": True}
+    from threefold.pipelines.sync_batchnorm import AllReduceBatchNormSync
+
+    return {"plugins": [*plugins, AllReduceBatchNormSync()]}
 
 
 @dataclass
@@ -204,7 +213,7 @@ class RunContext:
             world = int(trainer.num_devices) * int(trainer.num_nodes)
             on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
             if resolve_sync_batchnorm(t.sync_batchnorm, has_batchnorm(module), world, on_gpu):
-                trainer = L.Trainer(**{**kwargs, "sync_batchnorm": True})
+                trainer = L.Trainer(**{**kwargs, **_sync_batchnorm_kwargs(on_gpu, kwargs["plugins"])})
         return trainer
 
     def fit(self, module: Any, datamodule: Any = None, **trainer_overrides: Any):

@@ -13,8 +13,8 @@ with a repeat of scan 0; a pipeline that scores the repeat counts 4 scans and mo
 does not reduce its confusion matrix across ranks reports one rank's share, and a rank that skips a
 collective hangs the run (the subprocess timeout fails the test).
 
-The ``trainer.sync_batchnorm`` resolution (auto: GPUs only; refused on CPU processes) is checked
-without launching processes.
+The ``trainer.sync_batchnorm`` resolution (auto: GPUs only; ``true`` on CPU processes uses
+``AllReduceSyncBatchNorm``) is checked without launching processes.
 """
 
 from __future__ import annotations
@@ -116,19 +116,18 @@ def test_rapidseg_ddp_two_processes_equals_one(tmp_path):
 
 
 def test_sync_batchnorm_resolution():
-    from threefold.datasets.errors import ConfigError
     from threefold.pipelines.engine import has_batchnorm, resolve_sync_batchnorm
 
     # (setting, has_bn, world, on_gpu) -> synced
     assert resolve_sync_batchnorm(None, True, 2, True) is True
-    assert resolve_sync_batchnorm(None, True, 2, False) is False  # CPU gloo: SyncBatchNorm needs GPU tensors
+    assert resolve_sync_batchnorm(None, True, 2, False) is False  # CPU gloo: only when asked for
     assert resolve_sync_batchnorm(None, True, 1, True) is False  # one process: nothing to synchronise
     assert resolve_sync_batchnorm(None, False, 8, True) is False
     assert resolve_sync_batchnorm(False, True, 2, True) is False
     assert resolve_sync_batchnorm(True, True, 4, True) is True
     assert resolve_sync_batchnorm(True, True, 1, False) is False
-    with pytest.raises(ConfigError, match="sync_batchnorm"):
-        resolve_sync_batchnorm(True, True, 2, False)
+    assert resolve_sync_batchnorm(True, True, 2, False) is True  # CPU processes: AllReduceSyncBatchNorm
+    assert resolve_sync_batchnorm(True, False, 2, False) is False
 
     assert has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
     assert has_batchnorm(torch.nn.SyncBatchNorm(4))
@@ -154,16 +153,17 @@ def test_networks_that_need_sync_batchnorm():
 
 
 def test_trainer_applies_sync_batchnorm_setting(tmp_path):
-    """``RunContext.trainer(module)``: refused on CPU processes when forced; auto leaves CPU DDP unsynced."""
-    from threefold.datasets.errors import ConfigError
+    """``RunContext.trainer(module)``: forced on CPU processes, the ``AllReduceSyncBatchNorm`` plugin
+    (the atomic checkpoint IO kept); auto leaves CPU DDP unsynced."""
     from threefold.pipelines.config import TrainerConfig
     from threefold.pipelines.engine import RunContext
+    from threefold.pipelines.sync_batchnorm import AllReduceBatchNormSync
 
     module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     cpu_ddp = dict(accelerator="cpu", devices=2, strategy="ddp", enable_progress_bar=False)
-    ctx = RunContext("x", tmp_path, TrainerConfig(**cpu_ddp, sync_batchnorm=True))
-    with pytest.raises(ConfigError, match="SyncBatchNorm needs GPU"):
-        ctx.trainer(module)
+    forced = RunContext("x", tmp_path, TrainerConfig(**cpu_ddp, sync_batchnorm=True)).trainer(module)
+    assert isinstance(forced.strategy._layer_sync, AllReduceBatchNormSync)
+    assert type(forced.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     trainer = RunContext("x", tmp_path, TrainerConfig(**cpu_ddp)).trainer(module)
     assert trainer.num_devices == 2 and trainer.strategy._layer_sync is None
     # evaluation trainers (no module) never convert

@@ -68,9 +68,9 @@ class AllReduceSyncBatchNorm(_BatchNorm):
     same on every process, which holds: DDP broadcasts the buffers from rank 0 and every process
     updates them with the same all-reduced statistics.
 
-    A process with an empty batch contributes zeros. Nothing is checked on the host: if the
-    processes hold fewer than 2 elements per channel together, the counts are clamped to avoid a
-    division by zero and the result is meaningless (plain BatchNorm raises there).
+    A process with an empty batch contributes zeros. Fewer than 2 elements per channel over all
+    processes raise ``ValueError`` on CPU, as plain BatchNorm does; on a GPU that check would be a
+    host sync, so there the counts are clamped against a division by zero and the result is meaningless.
 
     Eval mode, one process, or no initialised process group: exactly ``torch.nn.BatchNorm*``.
     ``process_group``: the group to synchronise over (``None``: the world).
@@ -118,6 +118,13 @@ class AllReduceSyncBatchNorm(_BatchNorm):
         stats = torch.cat([local_n, centred.sum(dims), centred.square().sum(dims)])
         total = _all_reduce_sum(stats, self.process_group)
         count = total[0]
+        if total.device.type == "cpu" and float(count) < 2:
+            # reading the count is free on the host (no stream to stall), so CPU runs get plain
+            # BatchNorm's error instead of statistics of a single value
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel over all processes when training, "
+                f"got {int(count)} (input {tuple(input.shape)} on this process)"
+            )
         n = count.clamp(min=1.0)
         mean_shifted = total[1 : 1 + c] / n
         var = (total[1 + c :] / n - mean_shifted.square()).clamp(min=0.0)

@@ -153,6 +153,18 @@ def test_without_process_group_equals_plain_batchnorm_bitwise():
     assert all(torch.equal(plain["buffers"][k], synced["buffers"][k]) for k in plain["buffers"])
 
 
+def test_fewer_than_two_values_over_all_processes_raise_on_cpu(monkeypatch):
+    # a 2-process group whose other rank is empty, simulated: the all-reduce returns this rank's sums
+    from threefold.pipelines import sync_batchnorm as sbn
+
+    monkeypatch.setattr(sbn, "_world_size", lambda group: 2)
+    monkeypatch.setattr(sbn, "_all_reduce_sum", lambda stats, group: stats)
+    bn = sbn.convert_sync_batchnorm(torch.nn.BatchNorm1d(3)).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel.*got 1"):
+        bn(torch.randn(1, 3))
+    assert torch.isfinite(bn(torch.randn(2, 3))).all()  # two values: fine
+
+
 def test_eval_mode_equals_plain_batchnorm():
     from threefold.pipelines.sync_batchnorm import convert_sync_batchnorm
 

@@ -30,7 +30,7 @@ import torch
 
 from threefold.datasets.errors import ConfigError, DataFormatError, MissingFileError
 from threefold.datasets.paths import atomic_write
-from threefold.pipelines.config import RunConfig, TrainerConfig
+from threefold.pipelines.config import TrainerConfig
 
 
 def _plain_checkpoint_io():

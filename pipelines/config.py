@@ -58,6 +58,9 @@ class TrainerConfig:
     # AllReduceSyncBatchNorm (PyTorch's SyncBatchNorm needs GPU tensors).
     # See RunContext.trainer and docs/scaling.md.
     sync_batchnorm: Union[bool, None] = None
+    # How, when synchronised: "auto" (PyTorch's SyncBatchNorm on GPUs, AllReduceSyncBatchNorm on CPU
+    # processes), "torch" (GPUs only) or "allreduce" (either).
+    sync_batchnorm_impl: str = "auto"
 
 
 @dataclass

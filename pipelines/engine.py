@@ -13,7 +13,8 @@ accumulation, progress bars, CSV logging, DDP); this module only fixes how three
 - ``trainer.sync_batchnorm`` (default ``None``: automatic) converts the model's BatchNorm layers to
   ``torch.nn.SyncBatchNorm`` when a fit runs several processes on GPUs (:func:`resolve_sync_batchnorm`);
   ``true`` with several CPU processes converts them to
-  :class:`~threefold.pipelines.sync_batchnorm.AllReduceSyncBatchNorm` instead.
+  :class:`~threefold.pipelines.sync_batchnorm.AllReduceSyncBatchNorm` instead
+  (``trainer.sync_batchnorm_impl`` chooses either on GPUs).
 """
 
 from __future__ import annotations
@@ -104,12 +105,19 @@ def resolve_sync_batchnorm(setting: bool | None, has_bn: bool, world_size: int, 
     return bool(setting)
 
 
-def _sync_batchnorm_kwargs(on_gpu: bool, plugins: list[Any]) -> dict[str, Any]:
-    """Trainer arguments that synchronise BatchNorm: Lightning's ``sync_batchnorm=True``
-    (``torch.nn.SyncBatchNorm``) on GPUs; on CPU a ``LayerSync`` plugin converting to
-    ``AllReduceSyncBatchNorm`` (Lightning refuses a custom LayerSync together with ``sync_batchnorm=True``;
-    the strategy applies the plugin before wrapping the model in DDP and reverts it at teardown)."""
-    if on_gpu:
+SYNC_BATCHNORM_IMPLS = ("auto", "torch", "allreduce")
+
+
+def _sync_batchnorm_kwargs(on_gpu: bool, plugins: list[Any], impl: str = "auto") -> dict[str, Any]:
+    """Trainer arguments that synchronise BatchNorm (``trainer.sync_batchnorm_impl``): ``"torch"``
+    (``"auto"`` on GPUs) is Lightning's ``sync_batchnorm=True`` (``torch.nn.SyncBatchNorm``, CUDA only);
+    ``"allreduce"`` (``"auto"`` on CPU) a ``LayerSync`` plugin converting to ``AllReduceSyncBatchNorm``
+    (Lightning refuses a custom LayerSync together with ``sync_batchnorm=True``; the strategy applies the
+    plugin before wrapping the model in DDP and reverts it at teardown)."""
+    if impl == "torch" and not on_gpu:
+        raise ConfigError("config key 'trainer.sync_batchnorm_impl': 'torch' (torch.nn.SyncBatchNorm) needs GPUs; "
+                          "use 'allreduce' or 'auto' for CPU processes")
+    if impl == "torch" or (impl == "auto" and on_gpu):
         return {"sync_batchnorm": True}
     from threefold.pipelines.sync_batchnorm import AllReduceBatchNormSync
 
@@ -159,6 +167,9 @@ class RunContext:
         from threefold.pipelines.loaders import ResumeStateCallback
 
         t = self.trainer_cfg
+        if t.sync_batchnorm_impl not in SYNC_BATCHNORM_IMPLS:
+            raise ConfigError(f"config key 'trainer.sync_batchnorm_impl': {t.sync_batchnorm_impl!r} is none of "
+                              f"{', '.join(SYNC_BATCHNORM_IMPLS)}")
         callbacks = [
             ModelCheckpoint(
                 dirpath=self.checkpoint_dir,
@@ -213,7 +224,7 @@ class RunContext:
             world = int(trainer.num_devices) * int(trainer.num_nodes)
             on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
             if resolve_sync_batchnorm(t.sync_batchnorm, has_batchnorm(module), world, on_gpu):
-                trainer = L.Trainer(**{**kwargs, **_sync_batchnorm_kwargs(on_gpu, kwargs["plugins"])})
+                trainer = L.Trainer(**{**kwargs, **_sync_batchnorm_kwargs(on_gpu, kwargs["plugins"], t.sync_batchnorm_impl)})
         return trainer
 
     def fit(self, module: Any, datamodule: Any = None, **trainer_overrides: Any):

@@ -135,6 +135,30 @@ def test_sync_batchnorm_resolution():
         assert not has_batchnorm(torch.nn.Sequential(per_sample))
 
 
+def test_sync_batchnorm_impl_choice(tmp_path):
+    from threefold.datasets.errors import ConfigError
+    from threefold.pipelines.config import TrainerConfig
+    from threefold.pipelines.engine import RunContext, _sync_batchnorm_kwargs
+    from threefold.pipelines.sync_batchnorm import AllReduceBatchNormSync
+
+    def plugin_types(kwargs):
+        return [type(p) for p in kwargs.get("plugins", [])]
+
+    # (on_gpu, impl) -> torch's SyncBatchNorm through Lightning, or the AllReduce LayerSync plugin
+    assert _sync_batchnorm_kwargs(True, [], "auto") == {"sync_batchnorm": True}
+    assert _sync_batchnorm_kwargs(True, [], "torch") == {"sync_batchnorm": True}
+    for on_gpu, impl in ((True, "allreduce"), (False, "allreduce"), (False, "auto")):
+        kwargs = _sync_batchnorm_kwargs(on_gpu, ["io"], impl)
+        assert "sync_batchnorm" not in kwargs and kwargs["plugins"][0] == "io"
+        assert plugin_types(kwargs)[1:] == [AllReduceBatchNormSync]
+    with pytest.raises(ConfigError, match="'torch'.*needs GPUs"):
+        _sync_batchnorm_kwargs(False, [], "torch")
+    # a misspelt value fails when the trainer is built, synchronised or not
+    ctx = RunContext("p", tmp_path, TrainerConfig(sync_batchnorm_impl="all-reduce", accelerator="cpu"))
+    with pytest.raises(ConfigError, match="sync_batchnorm_impl.*'all-reduce'.*auto, torch, allreduce"):
+        ctx.trainer(torch.nn.Linear(2, 2))
+
+
 def test_networks_that_need_sync_batchnorm():
     """The methods whose batch norm runs over per-GPU batches of 1-2 volumes or scans are the ones the
     automatic rule synchronises; Isensee's U-Net (instance norm) is left alone."""

@@ -573,7 +573,10 @@ def _throughput_callback(spec: dict, phases: Phases):
             else:
                 intervals, peak, reserved = [b - a for a, b in self.pairs], 0, 0
             phases.stamp("timed_done")
-            synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
+            from threefold.pipelines.sync_batchnorm import AllReduceSyncBatchNorm
+
+            synced = next((type(m).__name__ for m in pl_module.modules()
+                           if isinstance(m, (torch.nn.SyncBatchNorm, AllReduceSyncBatchNorm))), False)
             mine = torch.tensor([*intervals, peak, reserved], dtype=torch.float64, device=device)
             every = trainer.strategy.all_gather(mine).reshape(-1, len(intervals) + 2).cpu()
             if trainer.is_global_zero:
@@ -778,9 +781,14 @@ def table(rows: list[dict]) -> str:
         first = (r.get("phases") or {}).get("0", {}).get("first_step")
         lines.append(f"| {r['pipeline']} | {r['precision']} | {r['devices']} | {batch} | {r['samples_per_s']:.2f} | "
                      f"{r['median_step_ms']:.1f} ({r['p10_step_ms']:.1f}-{r['p90_step_ms']:.1f}) | {r['step_ms']:.1f} | "
-                     f"{eff} | {_fmt_mem(r)} | {'yes' if r['sync_batchnorm'] else 'no'} | "
+                     f"{eff} | {_fmt_mem(r)} | {_fmt_sync(r['sync_batchnorm'])} | "
                      f"{'' if first is None else f'{first:.0f} / '}{r['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def _fmt_sync(synced: bool | str) -> str:
+    """The sync-BN column: the layer class that synchronised (older JSON rows hold true/false)."""
+    return synced if isinstance(synced, str) else ("yes" if synced else "no")
 
 
 def _fmt_mem(r: dict) -> str:

@@ -96,6 +96,49 @@ def test_rope_makes_hidden_states_translation_invariant():
     assert not torch.allclose(a, c, atol=1e-3)
 
 
+def test_rope_rotates_each_pair_by_its_axis_angle_float64_reference():
+    """apply_rope(rope_3d(...)) against a float64 NumPy rotation of each (x[2i], x[2i+1]) pair by
+    pos[axis] * theta^(-2j / (2m)) — pair i = axis * m + j, m = (Dh/2) // 3 pairs per axis, leftover pairs
+    unrotated — for q and k stacked in one tensor (the layout Block uses)."""
+    from threefold.science.uni3dar.model import apply_rope, rope_3d
+
+    g = torch.Generator().manual_seed(3)
+    head_dim, theta = 20, 10000.0  # 10 pairs: 3 per axis + 1 leftover
+    pos = torch.randint(-1500, 1500, (2, 7, 3), generator=g).float()
+    x = torch.randn(2, 7, 2, 3, head_dim, generator=g)  # (B, L, q/k, heads, Dh)
+    out = apply_rope(x, rope_3d(pos, head_dim, theta)).double().numpy()
+    m = (head_dim // 2) // 3
+    xn, pn = x.double().numpy(), pos.double().numpy()
+    expect = xn.copy()
+    for axis in range(3):
+        for j in range(m):
+            i = axis * m + j
+            angle = pn[:, :, axis] * theta ** (-2.0 * j / (2 * m))  # (B, L)
+            c, s_ = np.cos(angle)[:, :, None, None], np.sin(angle)[:, :, None, None]
+            a, b = xn[..., 2 * i], xn[..., 2 * i + 1]
+            expect[..., 2 * i], expect[..., 2 * i + 1] = a * c - b * s_, a * s_ + b * c
+    # float32 angles of up to 1500 rad: ~1e-4 absolute rounding of the angle itself
+    np.testing.assert_allclose(out, expect, atol=5e-4, rtol=0)
+    np.testing.assert_array_equal(out[..., 2 * 3 * m:], xn[..., 2 * 3 * m:].astype(np.float32))
+
+
+def test_rmsnorm_matches_the_formula_in_float64():
+    from threefold.science.uni3dar.model import RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(4, 5, 16, generator=g) * 3).requires_grad_()
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    up = torch.randn(4, 5, 16, generator=g)
+    (norm(x) * up).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ref = xd / torch.sqrt((xd**2).mean(-1, keepdim=True) + norm.eps) * norm.weight.detach().double()
+    (ref * up.double()).sum().backward()
+    torch.testing.assert_close(norm(x).double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_parts_at_init_are_near_uniform_and_training_reduces_them():
     model = _tiny()
     s = _batch(4)

@@ -49,7 +49,9 @@ class TrainerConfig:
     limit_test_batches: Union[int, float] = 1.0
     check_val_every_n_epoch: int = 1
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 0  # 0: checkpoint at the end of each epoch only
+    # 0: checkpoint at the end of each epoch only (the engine warns when those saves cost more than the
+    # training between them, as with one-step epochs on a GPU, and names the N to set)
+    checkpoint_every_n_steps: int = 0
     deterministic: bool = True
     enable_progress_bar: bool = True
     # Synchronise BatchNorm statistics across processes. None (default): on when the run has several

@@ -105,6 +105,7 @@ class Uni3DARRunConfig(RunConfig):
     heldout_fraction: float = 0.1
     limit_molecules: int = 0  # 0 = all
     token_cache: str = ""  # `threefold prepare qm9 --out CACHE` (with --data the same QM9 folder); "" = parse and tokenize here
+    compile: bool = False  # torch.compile the transformer blocks for training (GPUs; the first steps compile)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -255,6 +256,8 @@ class Uni3DARModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(hparams)
         self.model = Uni3DAR(Uni3DARConfig(**hparams["model"]))
+        if hparams.get("config", {}).get("compile"):
+            self.model.compile_blocks()
 
     def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device, dataloader_idx: int) -> SequenceBatch:
         return batch.to(device)

@@ -81,23 +81,29 @@ class SwiGLU(nn.Module):
 
 
 def rope_3d(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotations e^{iθ} (complex64, (B, L, 1, 1, head_dim/2)) of a 3D rotary embedding: each axis gets
-    ``head_dim/2 // 3`` frequency pairs on its coordinate (pos (B, L, 3), 0.01 Å units); leftover pairs
+    """Rotations (cos θ, sin θ) (float32, (B, L, 1, 1, head_dim/2, 2)) of a 3D rotary embedding: each axis
+    gets ``head_dim/2 // 3`` frequency pairs on its coordinate (pos (B, L, 3), 0.01 Å units); leftover pairs
     rotate by 0. The two singleton dimensions broadcast over (q/k, heads) in :func:`apply_rope`."""
     per_axis = (head_dim // 2) // 3
     freqs = 1.0 / theta ** (torch.arange(per_axis, device=pos.device, dtype=torch.float32) * 2 / (2 * per_axis))
     angles = (pos.float()[..., :, None] * freqs).flatten(-2)  # (B, L, 3 * per_axis)
     pad = head_dim // 2 - angles.shape[-1]
     angles = F.pad(angles, (0, pad))
-    return torch.polar(torch.ones_like(angles), angles)[:, :, None, None, :]
+    return torch.stack([angles.cos(), angles.sin()], -1)[:, :, None, None]
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x (B, L, ..., Dh) by the complex rotations ``rot``
-    (broadcastable to (B, L, ..., Dh/2)), in float32: one complex multiply instead of four real ones and
-    a stack (the step is bound by elementwise kernels at the GPU sizes)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x (B, L, ..., Dh) by the rotations ``rot`` of
+    :func:`rope_3d` (broadcastable to (B, L, ..., Dh/2, 2)), in float32. Eager: one complex multiply instead
+    of four real ones and a stack (the GPU step is bound by elementwise kernels); under ``torch.compile`` the
+    real form, which the compiler fuses (it generates no code for complex operators)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        (x1, x2), (c, s) = pairs.unbind(-1), rot.unbind(-1)
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(rot))
+    return out.flatten(-2).type_as(x)
 
 
 class TaskHead(nn.Module):
@@ -169,6 +175,7 @@ class Uni3DAR(nn.Module):
         self.tree_emb = nn.Embedding(cfg.num_trees, D) if cfg.num_trees > 1 else None
         self.xyz_emb = nn.ModuleList(nn.Embedding(cfg.bins + 1, D) for _ in range(3))  # index bins = none
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self._compiled_blocks: list[nn.Module] | None = None  # compile_blocks(); a plain list: no state_dict keys
         self.norm = RMSNorm(D)
         if cfg.mlp_heads:
             self.tree_head = TaskHead(D, 255, cfg.dropout)
@@ -186,6 +193,12 @@ class Uni3DAR(nn.Module):
         for m in self.modules():
             if isinstance(m, TaskHead):
                 nn.init.normal_(m.dense.weight, std=D**-0.5)
+
+    def compile_blocks(self) -> None:
+        """Use ``torch.compile``d transformer blocks (dynamic sequence length) for training forwards; the
+        weights stay the blocks' own (same state_dict keys), evaluation and cached sampling stay eager. The
+        first steps pay the compilation (tens of seconds)."""
+        self._compiled_blocks = [torch.compile(b, dynamic=True) for b in self.blocks]
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -213,6 +226,10 @@ class Uni3DAR(nn.Module):
             x = x + self.xyz_emb[axis](xyz_in[..., axis])
         x = F.dropout(x, self.cfg.dropout, self.training)  # the reference's embedding dropout
         rope = rope_3d(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_theta)
+        if self._compiled_blocks is not None and cache is None and self.training:
+            for block in self._compiled_blocks:
+                x = block(x, rope)
+            return self.norm(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if cache is None else cache[i])
         return self.norm(x)

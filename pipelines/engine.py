@@ -62,6 +62,7 @@ def _model_checkpoint(dirpath: Path, every_n_steps: int):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self._epoch_start: float | None = None
+            self._first_step = 0
             self._train_s = self._save_s = 0.0
             self._epochs = self._steps = 0
             self._warned = False
@@ -142,9 +143,8 @@ def resolve_sync_batchnorm(setting: bool | None, has_bn: bool, world_size: int, 
     statistics are noisy and differ from the single-GPU run at the same global batch, so the
     statistics are synchronised by default on GPUs. ``setting``: ``None`` (auto: on exactly when
     there are several processes, batch norm in the model and GPUs), ``True`` or ``False``. Nothing
-    to synchronise with one process or without batch norm: ``False``. How: on GPUs PyTorch's
-    ``torch.nn.SyncBatchNorm`` (CUDA tensors only); on CPU processes (gloo), which only ``True``
-    turns on, :class:`~threefold.pipelines.sync_batchnorm.AllReduceSyncBatchNorm`.
+    to synchronise with one process or without batch norm: ``False``. How is
+    :func:`_sync_batchnorm_kwargs`'s choice (``trainer.sync_batchnorm_impl``).
     """
     if world_size <= 1 or not has_bn:
         return False

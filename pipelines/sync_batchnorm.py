@@ -4,8 +4,10 @@
 synchronise their batch statistics. :class:`AllReduceSyncBatchNorm` does the same job with plain
 tensor operations and :func:`torch.distributed.nn.functional.all_reduce`, whose backward is again a
 sum all-reduce, so autograd carries the cross-process terms of the gradient. It reads no value of a
-device tensor on the host (empty ranks included), so it would not stall a GPU stream either; on GPUs
-the engine still uses PyTorch's implementation (see ``RunContext.trainer``).
+device tensor on the host (empty ranks included), so it does not stall a GPU stream either. On GPUs
+the engine uses PyTorch's implementation unless ``trainer.sync_batchnorm_impl=allreduce``: on two H100s
+this one was the slower of the two (docs/scaling.md), its unfused operations costing more than the host
+syncs it avoids.
 
 :func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm` swap the layers of a model in place
 of ``BatchNorm1d/2d/3d`` and back, sharing the parameter and buffer tensors, and

@@ -226,11 +226,8 @@ class Uni3DAR(nn.Module):
             x = x + self.xyz_emb[axis](xyz_in[..., axis])
         x = F.dropout(x, self.cfg.dropout, self.training)  # the reference's embedding dropout
         rope = rope_3d(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_theta)
-        if self._compiled_blocks is not None and cache is None and self.training:
-            for block in self._compiled_blocks:
-                x = block(x, rope)
-            return self.norm(x)
-        for i, block in enumerate(self.blocks):
+        compiled = self._compiled_blocks is not None and cache is None and self.training
+        for i, block in enumerate(self._compiled_blocks if compiled else self.blocks):
             x = block(x, rope, None if cache is None else cache[i])
         return self.norm(x)
 

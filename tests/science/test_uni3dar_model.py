@@ -4,6 +4,8 @@ output re-tokenized by the independent tokenizer path."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,8 @@ def test_rmsnorm_matches_the_formula_in_float64():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU (inductor) needs a C++ compiler")
 def test_compiled_blocks_train_like_the_eager_model():
     """``compile_blocks`` (torch.compile, inductor on the CPU here): the training loss and every gradient equal
     the eager model's on two batches of different sequence length (dynamic shapes), the state_dict keys are
